@@ -1,0 +1,957 @@
+"""SDFP: Speculative Decoding with FIT-Pruned models — a single-file reference.
+
+A causal language model drafts tokens for *itself*: the draft is the same network with
+its least important decoder layers skipped, chosen by a Fisher Information Trace (FIT)
+score. The full network then checks the draft in one forward pass, and exact rejection
+sampling keeps the output distribution identical to the full model's. No training, no
+second model, no extra weights in memory.
+
+References
+  Wei et al., 2026. "Speculative Decoding with FIT-Pruned Models for Training-Free and
+      Plug-and-Play LLM Acceleration."                                         (SDFP)
+  Zandonati et al., 2023. "FIT: A Metric for Model Sensitivity."                (FIT)
+  Leviathan, Kalman, Matias, 2023. "Fast Inference from Transformers via Speculative
+      Decoding."  Chen et al., 2023. "Accelerating Large Language Model Decoding with
+      Speculative Sampling."                                     (rejection sampling)
+  Zhang et al., 2024. "Draft & Verify: Lossless Large Language Model Acceleration via
+      Self-Speculative Decoding."                                  (layer-skip drafts)
+
+Map of this file (it runs top to bottom in the order the method does)
+  1. Model anatomy     find the decoder layers of any Hugging Face causal LM
+  2. FIT scores        Tr(F_l) * E[dtheta_l^2] for every decoder layer l
+  3. The draft         skip the lowest-FIT layers; layer-skip forward on a shared cache
+  4. Probabilities     temperature -> top-k -> top-p, identical for draft and target
+  5. Speculation       draft -> verify -> accept / resample -> roll the cache back
+  6. Generation        speculative_generate and autoregressive_generate
+  7. Export            the draft as a standalone Hugging Face checkpoint
+  8. Command line      python sdfp.py --model TinyLlama --prompt "..."
+  Appendix             the built-in calibration text
+
+Conventions: batch size 1; `V` is the vocabulary size, `L` the number of decoder layers,
+`γ` (gamma, `draft_len`) the number of tokens drafted per step. `p_target` always holds
+the full model's processed next-token probabilities, `q_draft` the draft's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+# -----------------------------------------------------------------------------
+# 1. Model anatomy
+#
+# Every Hugging Face decoder-only model keeps its decoder layers in one nn.ModuleList
+# (`model.model.layers` for Llama, Mistral and Qwen2; `model.transformer.h` for GPT-2).
+# We find it by shape rather than by name, so the same code serves all of them.
+
+
+def decoder_layer_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """Return (parent module, attribute name, the ModuleList of decoder layers)."""
+    num_layers = model.config.get_text_config().num_hidden_layers
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) == num_layers:
+                return parent, name, child
+    raise ValueError(
+        f"{type(model).__name__} keeps no ModuleList of its {num_layers} decoder layers; "
+        "SDFP needs a decoder-only model whose layers form one list."
+    )
+
+
+def num_decoder_layers(model: nn.Module) -> int:
+    return len(decoder_layer_list(model)[2])
+
+
+def parameter_group(name: str) -> str:
+    """Which part of a decoder layer a parameter belongs to, for the per-group FIT table."""
+    if "attn" in name or "attention" in name:
+        return "attention"
+    if "mlp" in name or "feed_forward" in name:
+        return "mlp"
+    return "norm"
+
+
+# -----------------------------------------------------------------------------
+# 2. FIT scores
+#
+# Removing layer l perturbs its parameters by dtheta = -theta. To second order, the output
+# distribution moves by
+#
+#     KL(p_theta || p_{theta + dtheta}) ≈ 1/2 dtheta^T F dtheta,
+#
+# where F = E[g g^T] is the Fisher information and g = grad_theta log p(x | theta). FIT
+# (Zandonati et al.) keeps only the diagonal of F and, within each parameter block, replaces
+# the individual perturbations by their mean square:
+#
+#     FIT_l = sum over blocks b of layer l of   Tr(F_b) * E[dtheta_b^2]
+#     Tr(F_b)       = sum_{i in b} E_s[g_{s,i}^2]    (empirical Fisher: g_s is the gradient of
+#                                                     calibration sequence s's mean next-token loss)
+#     E[dtheta_b^2] = mean_{i in b} theta_i^2        (layer removal: dtheta = -theta)
+#
+# The blocks are the layer's parameter tensors (q/k/v/o projections, MLP matrices, norms),
+# as in the FIT paper. A layer whose weights the loss barely feels, or whose weights are
+# small, scores low and is the first the draft skips; a layer that is an exact identity
+# (output projections zero) scores exactly 0: its inner weights get no gradient and its
+# output weights are zero. Two coarser and finer readings are kept for comparison:
+# "layer" treats the whole layer as one block, "elementwise" is sum_i F_ii theta_i^2.
+
+FIT_READINGS = ("tensor", "layer", "elementwise")
+
+
+@dataclasses.dataclass
+class BlockFisher:
+    """Fisher statistics of one parameter tensor of one decoder layer."""
+
+    layer: int
+    name: str  # e.g. "self_attn.q_proj.weight"
+    group: str  # "attention", "mlp" or "norm"
+    trace: float  # Tr(F_b) = sum_i E[g_i^2]
+    mean_theta_sq: float  # E[dtheta_b^2] = mean_i theta_i^2
+    numel: int
+    elementwise: float  # sum_i E[g_i^2] theta_i^2
+
+    @property
+    def fit(self) -> float:
+        return self.trace * self.mean_theta_sq
+
+
+@dataclasses.dataclass
+class FisherTable:
+    blocks: list[BlockFisher]
+    num_layers: int
+    num_sequences: int
+
+    def scores(self, reading: str = "tensor") -> list[float]:
+        """One FIT score per decoder layer."""
+        if reading not in FIT_READINGS:
+            raise ValueError(f"Unknown FIT reading {reading!r}; choose one of {FIT_READINGS}.")
+        scores = []
+        for layer in range(self.num_layers):
+            blocks = [b for b in self.blocks if b.layer == layer]
+            if reading == "tensor":
+                scores.append(sum(b.fit for b in blocks))
+            elif reading == "elementwise":
+                scores.append(sum(b.elementwise for b in blocks))
+            else:  # the whole layer as one block
+                theta_sq = sum(b.mean_theta_sq * b.numel for b in blocks) / sum(b.numel for b in blocks)
+                scores.append(sum(b.trace for b in blocks) * theta_sq)
+        return scores
+
+    def group_scores(self, group: str) -> list[float]:
+        """Per-layer FIT of one parameter group ("attention", "mlp", "norm")."""
+        return [sum(b.fit for b in self.blocks if b.layer == l and b.group == group) for l in range(self.num_layers)]
+
+
+def calibration_batches(tokenizer, texts: Sequence[str] | None, seq_len: int, max_sequences: int) -> list[torch.Tensor]:
+    """Tokenize the calibration texts as one stream and cut it into (1, seq_len) pieces."""
+    texts = [CALIBRATION_TEXT] if texts is None else list(texts)
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        if len(ids) >= seq_len * max_sequences:
+            break
+    n = min(max_sequences, len(ids) // seq_len)
+    if n == 0:
+        raise ValueError(f"The calibration text holds {len(ids)} tokens; FIT needs at least {seq_len}.")
+    return [torch.tensor(ids[i * seq_len : (i + 1) * seq_len]).unsqueeze(0) for i in range(n)]
+
+
+@contextlib.contextmanager
+def gradients_for(params: Sequence[nn.Parameter], model: nn.Module) -> Iterator[None]:
+    """Let autograd reach `params` in eval mode, then put requires_grad and the train flag back."""
+    was_training = model.training
+    flags = [p.requires_grad for p in params]
+    try:
+        model.eval()  # dropout off: the Fisher of the deterministic network we will run
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def fisher_table(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str] | None = None,
+    *,
+    seq_len: int = 128,
+    max_sequences: int = 16,
+    progress: bool = True,
+) -> FisherTable:
+    """One pass over the calibration text: per-sequence gradients, squared and averaged.
+
+    Gradients come from torch.autograd.grad, so no parameter's `.grad` is touched and the
+    model comes back exactly as it was (requires_grad and train/eval mode restored).
+    """
+    from tqdm.auto import tqdm
+
+    layers = decoder_layer_list(model)[2]
+    device = next(model.parameters()).device
+    seq_len = min(seq_len, getattr(model.config.get_text_config(), "max_position_embeddings", seq_len))
+    batches = calibration_batches(tokenizer, texts, seq_len, max_sequences)
+
+    named = [(l, name, p) for l, layer in enumerate(layers) for name, p in layer.named_parameters()]
+    params = [p for _, _, p in named]
+    grad_sq = [torch.zeros_like(p, dtype=torch.float32) for p in params]  # running sum over s of g_s^2
+
+    with gradients_for(params, model):
+        for input_ids in tqdm(batches, desc="FIT: Fisher pass", unit="seq", disable=not progress):
+            input_ids = input_ids.to(device)
+            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss  # mean next-token NLL
+            for acc, g in zip(grad_sq, torch.autograd.grad(loss, params)):
+                acc += g.float().pow(2)
+
+    blocks = []
+    with torch.no_grad():
+        for (l, name, p), acc in zip(named, grad_sq):
+            fisher_diag = acc / len(batches)  # F_ii = E_s[g_{s,i}^2]
+            theta_sq = p.float().pow(2)  # dtheta = -theta  =>  dtheta^2 = theta^2
+            blocks.append(BlockFisher(
+                layer=l, name=name, group=parameter_group(name),
+                trace=fisher_diag.sum().item(), mean_theta_sq=theta_sq.mean().item(), numel=p.numel(),
+                elementwise=(fisher_diag * theta_sq).sum().item(),
+            ))  # fmt: skip
+    return FisherTable(blocks, len(layers), len(batches))
+
+
+def fit_scores(model: nn.Module, tokenizer, texts: Sequence[str] | None = None, **kwargs) -> list[float]:
+    """FIT score of every decoder layer (see fisher_table for the keyword arguments)."""
+    return fisher_table(model, tokenizer, texts, **kwargs).scores()
+
+
+# -----------------------------------------------------------------------------
+# 3. The draft: the same model with its lowest-FIT layers skipped
+#
+# The draft runs the kept layers of the target, in order, with the target's own weights.
+# It also reads the target's KV cache: for the verified prefix, every kept layer already
+# holds the keys and values the full model computed, and the draft attends to them.
+#
+# Inside `layer_skip` the model *is* a K-layer model: its ModuleList holds only the kept
+# layers, renumbered 0..K-1, and it gets a Cache whose K layer slots are the very same
+# objects as the target cache's slots for those layers. Whatever the draft appends lands
+# in the target's cache (we roll it back after drafting); skipped layers see nothing.
+# On exit, also after an exception, the model is put back exactly as it was.
+
+
+def select_skipped_layers(scores: Sequence[float], prune_ratio: float) -> list[int]:
+    """The round(prune_ratio * L) layers with the lowest FIT (ties go to the lower index)."""
+    if not 0.0 <= prune_ratio < 1.0:
+        raise ValueError(f"The prune ratio must lie in [0, 1); got {prune_ratio}.")
+    k = round(prune_ratio * len(scores))
+    order = sorted(range(len(scores)), key=lambda l: (scores[l], l))
+    return sorted(order[:k])
+
+
+def check_skip_layers(skip_layers: Sequence[int], num_layers: int) -> list[int]:
+    """Validate a skip set: indices in range, at least one layer kept."""
+    skip = sorted(set(int(l) for l in skip_layers))
+    bad = [l for l in skip if not 0 <= l < num_layers]
+    if bad:
+        raise ValueError(f"Layer index {bad[0]} is out of range; this model has layers 0 to {num_layers - 1}.")
+    if len(skip) == num_layers:
+        raise ValueError(f"Skipping all {num_layers} layers leaves no draft; keep at least one layer.")
+    return skip
+
+
+@contextlib.contextmanager
+def layer_skip(model: nn.Module, skip_layers: Sequence[int], cache=None) -> Iterator[object]:
+    """Within the block, `model(...)` runs only the kept layers; yields the draft's view of `cache`."""
+    from transformers import Cache
+
+    parent, attr, layers = decoder_layer_list(model)
+    kept = [l for l in range(len(layers)) if l not in set(check_skip_layers(skip_layers, len(layers)))]
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None)  # e.g. Qwen2's "full_attention" / "sliding_attention"
+
+    # Every module of a kept layer that addresses the cache by `layer_idx` gets its new number.
+    renumbered = [(m, m.layer_idx) for j, l in enumerate(kept) for m in layers[l].modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    new_index = {id(m): j for j, l in enumerate(kept) for m in layers[l].modules()}
+    try:
+        setattr(parent, attr, nn.ModuleList([layers[l] for l in kept]))
+        for m, _ in renumbered:
+            m.layer_idx = new_index[id(m)]
+        if layer_types is not None:
+            config.layer_types = [layer_types[l] for l in kept]
+        yield None if cache is None else Cache(layers=[cache.layers[l] for l in kept])
+    finally:
+        setattr(parent, attr, layers)
+        for m, index in renumbered:
+            m.layer_idx = index
+        if layer_types is not None:
+            config.layer_types = layer_types
+
+
+def new_cache(model: nn.Module):
+    """An empty KV cache with one slot per decoder layer (created up front, not lazily)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def cache_length(cache) -> int:
+    return cache.layers[0].get_seq_length()
+
+
+def truncate_cache(cache, length: int) -> None:
+    """Roll every layer of the cache back to its first `length` positions.
+
+    Layers are cropped one by one because they may differ in length: after drafting, the
+    kept layers hold the draft's tokens and the skipped ones do not. `crop(-n)` removes the
+    last n positions (transformers >= 5.24: a negative count is the only accepted form).
+    """
+    for layer in cache.layers:
+        extra = layer.get_seq_length() - length
+        if extra > 0:
+            layer.crop(-extra)
+
+
+# -----------------------------------------------------------------------------
+# 4. Probabilities
+#
+# The target's p and the draft's q must go through the *identical* chain — temperature,
+# then top-k, then top-p, in float32 — or p/q in the acceptance test compares two
+# different things and the output is no longer the model's processed distribution.
+# Temperature 0 means greedy: the distribution becomes a one-hot on the argmax, and
+# rejection sampling then reduces to "accept while the draft matches the target's argmax".
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"The temperature must be 0 (greedy) or positive; got {self.temperature}.")
+        if self.top_k < 0:
+            raise ValueError(f"top-k must be 0 (off) or a positive count; got {self.top_k}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top-p must lie in (0, 1]; got {self.top_p}.")
+
+
+def sampling_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """(..., V) logits -> (..., V) float32 probabilities after temperature, top-k, top-p."""
+    logits = logits.float()
+    if sampling.temperature == 0:
+        return nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / sampling.temperature
+    if 0 < sampling.top_k < logits.shape[-1]:
+        kth_largest = logits.topk(sampling.top_k, dim=-1).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth_largest, -math.inf)
+    probs = logits.softmax(-1)
+    if sampling.top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose mass reaches top_p: a token is
+        # dropped when the tokens strictly ahead of it in the ranking already reach top_p.
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_ahead = sorted_probs.cumsum(-1) - sorted_probs
+        drop = (mass_ahead >= sampling.top_p).scatter(-1, order, mass_ahead >= sampling.top_p)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(..., V) probabilities -> (...,) sampled token ids."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+# -----------------------------------------------------------------------------
+# 5. Speculation: draft -> verify -> accept / resample
+#
+# State between steps: `cache` holds keys and values for every committed token except
+# the last one, `last_token`, which is fed next. One step:
+#   draft   γ single-token forwards of the draft: last_token, d_1, ..., d_{γ-1} in,
+#           d_1..d_γ sampled from q_1..q_γ. Then the draft's K/V are removed again.
+#   verify  one forward of the full model over [last_token, d_1, ..., d_γ]: p_1..p_{γ+1}.
+#   accept  d_i with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection draw
+#           from norm(max(0, p_i - q_i)) and stop; if all γ pass, draw a bonus from p_{γ+1}.
+#   rollback  keep the cache up to the last accepted token.
+# Why this is exact (Leviathan et al., Thm 1): a token x is emitted at position i either
+# as an accepted draft, with probability q(x) min(1, p(x)/q(x)) = min(p(x), q(x)), or after
+# a rejection, with probability (1 - sum_y min(p(y), q(y))) * max(0, p(x) - q(x)) / Z, and
+# Z = sum_y max(0, p(y) - q(y)) = 1 - sum_y min(p(y), q(y)). The sum is
+# min(p(x), q(x)) + max(0, p(x) - q(x)) = p(x).
+
+
+def acceptance_probability(p_target: torch.Tensor, q_draft: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """min(1, p(x) / q(x)) for each drafted token x; p, q: (γ, V), tokens: (γ,)."""
+    p_x = p_target.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    q_x = q_draft.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # > 0: x was sampled from q
+    return (p_x / q_x).clamp(max=1.0)
+
+
+def residual_distribution(p_target: torch.Tensor, q_draft: torch.Tensor) -> torch.Tensor:
+    """norm(max(0, p - q)) over the last axis; where that has no mass, p itself.
+
+    A rejection happens with probability Z = sum max(0, p - q), so Z ≈ 0 means a rejection
+    (almost) never happens and any distribution would do; p is the honest one, and
+    dividing by ~0 would give NaN. No host sync: the choice is made with torch.where.
+    """
+    residual = (p_target - q_draft).clamp(min=0.0)
+    mass = residual.sum(-1, keepdim=True)
+    return torch.where(mass > 1e-9, residual / mass.clamp(min=1e-9), p_target)
+
+
+def draft(
+    model: nn.Module,
+    cache,
+    last_token: torch.Tensor,
+    skip_layers: Sequence[int],
+    n_draft: int,
+    sampling: Sampling,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Propose n_draft tokens with the layer-skip draft. Returns (tokens (γ,), q_draft (γ, V)).
+
+    Each token is a sample from exactly the q row returned for it: that q is what the
+    acceptance test divides by.
+    """
+    start = cache_length(cache)
+    tokens, q_rows = [], []
+    token = last_token  # (1, 1)
+    with layer_skip(model, skip_layers, cache) as draft_cache:
+        for _ in range(n_draft):
+            logits = model(input_ids=token, cache=draft_cache, use_cache=True).logits[0, -1]  # (V,)
+            q_draft = sampling_probs(logits, sampling)  # (V,)
+            token = sample(q_draft, generator).view(1, 1)
+            tokens.append(token.view(1))
+            q_rows.append(q_draft)
+    truncate_cache(cache, start)  # the target recomputes these positions with all layers
+    return torch.cat(tokens), torch.stack(q_rows)
+
+
+def verify(model: nn.Module, cache, last_token: torch.Tensor, draft_tokens: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """One full-model forward over [last_token, d_1..d_γ]. Returns p_target (γ+1, V)."""
+    input_ids = torch.cat([last_token.view(1), draft_tokens]).unsqueeze(0)  # (1, γ+1)
+    logits = model(input_ids=input_ids, cache=cache, use_cache=True).logits[0]  # (γ+1, V)
+    return sampling_probs(logits, sampling)
+
+
+def accept_or_resample(
+    p_target: torch.Tensor, q_draft: torch.Tensor, draft_tokens: torch.Tensor, generator: torch.Generator | None
+) -> tuple[int, int]:
+    """Rejection sampling over one draft. Returns (n_accepted, next token id).
+
+    p_target: (γ+1, V), q_draft: (γ, V), draft_tokens: (γ,). The next token is the
+    correction drawn from the residual at the first rejection, or the bonus drawn from
+    p_target[γ] (already processed) when the whole draft is accepted.
+    """
+    gamma = draft_tokens.shape[0]
+    u = torch.rand(gamma, generator=generator, device=p_target.device)  # fresh uniforms, one per token
+    accepted = u < acceptance_probability(p_target[:gamma], q_draft, draft_tokens)  # (γ,)
+    # index of the first rejection, or γ when there is none (one host sync per step)
+    n_accepted = int(torch.cat([~accepted, accepted.new_ones(1)]).int().argmax())
+    if n_accepted < gamma:
+        next_dist = residual_distribution(p_target[n_accepted], q_draft[n_accepted])
+    else:
+        next_dist = p_target[gamma]
+    return n_accepted, int(sample(next_dist, generator))
+
+
+@dataclasses.dataclass
+class StepResult:
+    tokens: list[int]  # the new committed tokens, the last of which is the next `last_token`
+    drafted: int
+    accepted: int
+
+
+def speculative_step(
+    model: nn.Module,
+    cache,
+    last_token: torch.Tensor,
+    skip_layers: Sequence[int] | None,
+    n_draft: int,
+    sampling: Sampling,
+    generator: torch.Generator | None,
+) -> StepResult:
+    """Draft n_draft tokens, verify them in one forward, keep the accepted ones.
+
+    With n_draft == 0 this is one step of plain autoregressive decoding.
+    """
+    start = cache_length(cache)
+    if n_draft == 0:
+        p_target = verify(model, cache, last_token, last_token.new_empty(0), sampling)  # (1, V)
+        return StepResult([int(sample(p_target[0], generator))], 0, 0)
+    draft_tokens, q_draft = draft(model, cache, last_token, skip_layers, n_draft, sampling, generator)
+    p_target = verify(model, cache, last_token, draft_tokens, sampling)
+    n_accepted, next_token = accept_or_resample(p_target, q_draft, draft_tokens, generator)
+    # the cache now holds last_token and all γ drafts; keep last_token and the accepted ones
+    truncate_cache(cache, start + 1 + n_accepted)
+    return StepResult(draft_tokens[:n_accepted].tolist() + [next_token], n_draft, n_accepted)
+
+
+# -----------------------------------------------------------------------------
+# 6. Generation
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    new_tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    target_forwards: int = 0  # decoding forwards of the full model (the prompt's prefill not counted)
+    draft_forwards: int = 0
+    seconds: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """α: the fraction of drafted tokens the target accepted."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """τ: new tokens per target forward, the correction or bonus token included."""
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        line = f"{self.new_tokens} tokens in {self.seconds:.2f} s ({self.tokens_per_second:.1f} tok/s)"
+        if self.drafted:
+            line += (
+                f" | drafted {self.drafted}, accepted {self.accepted} (α = {self.acceptance_rate:.2f})"
+                f" | {self.mean_accepted_length:.2f} tokens per target forward"
+            )
+        return line
+
+
+@torch.inference_mode()
+def _generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    skip_layers: Sequence[int] | None,
+    draft_len: int,
+    max_new_tokens: int,
+    sampling: Sampling,
+    eos_token_id: int | Sequence[int] | None,
+    generator: torch.Generator | None,
+    on_tokens: Callable[[list[int]], None] | None,
+) -> tuple[torch.Tensor, GenerationStats]:
+    """The one decoding loop: speculative when draft_len > 0, plain when draft_len == 0."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape (1, T) with T >= 1; got {tuple(input_ids.shape)}.")
+    eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    stats = GenerationStats()
+    new_tokens: list[int] = []
+    t0 = time.perf_counter()
+
+    cache = new_cache(model)
+    if input_ids.shape[1] > 1:  # prefill: every prompt token but the last goes into the cache
+        model(input_ids=input_ids[:, :-1], cache=cache, use_cache=True)
+    last_token = input_ids[:, -1:]  # (1, 1)
+
+    while len(new_tokens) < max_new_tokens:
+        # never draft past the budget: a step emits at most n_draft + 1 tokens
+        n_draft = min(draft_len, max_new_tokens - len(new_tokens) - 1)
+        step = speculative_step(model, cache, last_token, skip_layers, n_draft, sampling, generator)
+        stats.target_forwards += 1
+        stats.draft_forwards += step.drafted
+        stats.drafted += step.drafted
+        stats.accepted += step.accepted
+        tokens = step.tokens
+        stop = next((i for i, t in enumerate(tokens) if t in eos), None)
+        if stop is not None:  # EOS, drafted or sampled, ends generation right there
+            tokens = tokens[: stop + 1]
+        new_tokens += tokens
+        if on_tokens is not None:
+            on_tokens(tokens)
+        if stop is not None:
+            break
+        last_token = torch.tensor([[tokens[-1]]], device=device)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    stats.seconds = time.perf_counter() - t0
+    stats.new_tokens = len(new_tokens)
+    return torch.tensor(new_tokens, dtype=torch.long), stats
+
+
+def speculative_generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    skip_layers: Sequence[int],
+    *,
+    max_new_tokens: int,
+    draft_len: int = 4,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    on_tokens: Callable[[list[int]], None] | None = None,
+) -> tuple[torch.Tensor, GenerationStats]:
+    """Self-speculative decoding: the draft is `model` without `skip_layers`.
+
+    input_ids: (1, T). Returns (the new tokens only, 1-D; stats). The output has exactly
+    the distribution of `autoregressive_generate` with the same sampling settings, and is
+    token-identical to it when temperature == 0. `on_tokens` receives each batch of newly
+    committed tokens (for streaming).
+    """
+    if draft_len < 1:
+        raise ValueError(f"The draft length must be at least 1; got {draft_len}.")
+    check_skip_layers(skip_layers, num_decoder_layers(model))
+    sampling = Sampling(temperature, top_k, top_p)
+    return _generate(model, input_ids, skip_layers, draft_len, max_new_tokens, sampling, eos_token_id, generator, on_tokens)
+
+
+def autoregressive_generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    on_tokens: Callable[[list[int]], None] | None = None,
+) -> tuple[torch.Tensor, GenerationStats]:
+    """Plain decoding, one full-model forward per token: the reference SDFP must match."""
+    sampling = Sampling(temperature, top_k, top_p)
+    return _generate(model, input_ids, None, 0, max_new_tokens, sampling, eos_token_id, generator, on_tokens)
+
+
+# -----------------------------------------------------------------------------
+# 7. Export: the draft as a standalone checkpoint
+#
+# Hugging Face `generate(assistant_model=...)` and vLLM run speculative decoding with a
+# separate draft model. The SDFP draft becomes one by copying the kept layers (renumbered
+# 0..K-1 by `layer_skip`) together with the embeddings, final norm and LM head.
+
+
+def export_draft(model: nn.Module, tokenizer, skip_layers: Sequence[int], out_dir: str | os.PathLike, *, fit: Sequence[float] | None = None, source: str = "", force: bool = False) -> int:
+    """Write the draft to out_dir as a Hugging Face checkpoint. Returns its size in bytes."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} is not empty; choose an empty folder or pass --force to overwrite.")
+    num_layers = num_decoder_layers(model)
+    skip = check_skip_layers(skip_layers, num_layers)
+    kept = [l for l in range(num_layers) if l not in skip]
+    config = model.config.get_text_config()
+    out.mkdir(parents=True, exist_ok=True)
+    with layer_skip(model, skip):
+        saved = {"num_hidden_layers": config.num_hidden_layers}
+        config.num_hidden_layers = len(kept)
+        try:
+            model.save_pretrained(out)
+        finally:
+            config.num_hidden_layers = saved["num_hidden_layers"]
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    lines = [
+        "# SDFP draft model",
+        "",
+        f"Made by `sdfp.export_draft` from `{source or getattr(model.config, '_name_or_path', '?')}`: the source",
+        f"model with decoder layers {skip} skipped (the lowest-FIT layers), {len(kept)} of {num_layers} kept,",
+        f"renumbered 0..{len(kept) - 1} (kept source layers: {kept}). No training; weights are copies.",
+        "",
+        "Use it as the draft (assistant) model of the source model in Hugging Face `generate`",
+        "or vLLM; see the sdfp README, section 'Serving at scale'.",
+    ]
+    if fit is not None:
+        lines += ["", "FIT score per source layer:", ""] + [f"- layer {l}: {s:.6g}" + (" (skipped)" if l in skip else "") for l, s in enumerate(fit)]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    return size
+
+
+# -----------------------------------------------------------------------------
+# 8. Command line
+
+MODEL_ALIASES = {"TinyLlama": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"}
+
+
+class UserError(Exception):
+    """Something the user can fix; the CLI prints it as one sentence and exits with 2."""
+
+
+def resolve_model_name(name: str) -> str:
+    """An alias, a local folder, or a hub id ("owner/name"); a missing folder is an error."""
+    name = MODEL_ALIASES.get(name, name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"No model folder at {name}; pass an existing folder or a hub id such as {MODEL_ALIASES['TinyLlama']}.")
+    return name
+
+
+def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer) from a local folder or the Hugging Face hub, in eval mode."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_name(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except GatedRepoError:
+        raise UserError(f"The hub model {path} is gated; accept its license on the hub and log in with `hf auth login`.") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"There is no model {path} on the Hugging Face hub; check the name or pass a local folder.") from None
+    except OSError as error:
+        if Path(path).is_dir():
+            raise UserError(f"{path} is not a Hugging Face model folder (config.json, weights and tokenizer): {error}".splitlines()[0]) from None
+        raise UserError(
+            f"Could not reach the Hugging Face hub for {path} and it is not in the local cache; "
+            "connect once to download it, or pass a local folder such as ../shared/models/stories260K."
+        ) from None
+    return model.to(device).eval(), tokenizer
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the weights (name, shape and sum of every tensor), to key caches."""
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).tolist()
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    return hashlib.sha256(json.dumps([shapes, [f"{s:.9e}" for s in sums]]).encode()).hexdigest()[:16]
+
+
+def fit_cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdfp"
+    return Path(os.environ.get("SDFP_CACHE_DIR", default))
+
+
+def cached_fit_scores(model: nn.Module, tokenizer, texts: Sequence[str] | None, *, model_name: str, log: Callable[[str], None]) -> list[float]:
+    """FIT scores from the on-disk cache, keyed by model weights and calibration text, else computed."""
+    text_hash = hashlib.sha256("\x00".join([CALIBRATION_TEXT] if texts is None else texts).encode()).hexdigest()[:16]
+    key = f"{Path(model_name).name}-{model_fingerprint(model)}-{text_hash}"
+    path = fit_cache_dir() / f"fit-{key}.json"
+    if path.exists():
+        log(f"FIT scores from the cache: {path}")
+        return json.loads(path.read_text())["fit"]
+    scores = fit_scores(model, tokenizer, texts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"model": model_name, "fit": scores}, indent=1))
+    log(f"FIT scores cached in {path}")
+    return scores
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="Self-speculative decoding with a FIT-pruned draft (SDFP).")
+    ap.add_argument("--model", required=True, help="hub id, local folder, or the alias TinyLlama")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--draft-len", type=int, default=4, help="γ, tokens drafted per step")
+    ap.add_argument("--prune-ratio", type=float, default=0.25, help="fraction of layers the draft skips")
+    ap.add_argument("--skip-layers", default=None, help="explicit layers to skip, e.g. 3,5,7 (overrides FIT)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="auto: float32 on CPU, bfloat16 on GPU")
+    ap.add_argument("--calib", default=None, help="calibration text file for FIT (default: the built-in text)")
+    ap.add_argument("--compare", action="store_true", help="also run plain decoding and report the speedup")
+    ap.add_argument("--export-draft", default=None, metavar="DIR", help="write the draft as a Hugging Face checkpoint")
+    ap.add_argument("--force", action="store_true", help="let --export-draft overwrite a non-empty folder")
+    return ap.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything we can check before loading a model; raises UserError."""
+    if not args.prompt.strip():
+        raise UserError("The prompt is empty; pass some text with --prompt.")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}.")
+    if args.draft_len < 1:
+        raise UserError(f"--draft-len must be at least 1; got {args.draft_len}.")
+    if not 0.0 <= args.prune_ratio < 1.0:
+        raise UserError(f"--prune-ratio must lie in [0, 1); got {args.prune_ratio}.")
+    try:
+        Sampling(args.temperature, args.top_k, args.top_p)
+    except ValueError as error:
+        raise UserError(str(error).replace("top-k", "--top-k").replace("top-p", "--top-p").replace("The temperature", "--temperature")) from None
+    if args.skip_layers is not None:
+        try:
+            args.skip_layers = [int(s) for s in args.skip_layers.split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"--skip-layers takes comma-separated layer numbers such as 3,5,7; got {args.skip_layers!r}.") from None
+    if args.calib is not None and not Path(args.calib).is_file():
+        raise UserError(f"No calibration file at {args.calib}; pass an existing text file to --calib.")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but PyTorch sees no GPU; use --device cpu.")
+
+
+def pick_device_and_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype]:
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.dtype == "auto":
+        return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return device, getattr(torch, args.dtype)
+
+
+class TextStream:
+    """Print tokens as they are committed, decoding the whole text so far (multi-byte safe)."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], ""
+
+    def __call__(self, tokens: list[int]) -> None:
+        self.ids += tokens
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return
+        self.out.write(text[len(self.printed) :])
+        self.out.flush()
+        self.printed = text
+
+
+def run(args: argparse.Namespace) -> None:
+    log = lambda message: print(f"[sdfp] {message}", file=sys.stderr)  # noqa: E731
+    check_args(args)
+    device, dtype = pick_device_and_dtype(args)
+    model, tokenizer = load_model(args.model, device, dtype)
+    num_layers = num_decoder_layers(model)
+    input_ids = tokenizer(args.prompt, return_tensors="pt", verbose=False)["input_ids"]
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if context is not None:
+        if input_ids.shape[1] >= context:
+            raise UserError(f"The prompt is {input_ids.shape[1]} tokens but the model's context is {context}; shorten the prompt.")
+        if input_ids.shape[1] + args.max_new_tokens > context:
+            args.max_new_tokens = context - input_ids.shape[1]
+            log(f"--max-new-tokens lowered to {args.max_new_tokens} to fit the context of {context} tokens")
+
+    fit = None
+    if args.skip_layers is not None:
+        skip_layers = args.skip_layers
+    else:
+        texts = None if args.calib is None else [Path(args.calib).read_text(encoding="utf-8")]
+        fit = cached_fit_scores(model, tokenizer, texts, model_name=args.model, log=log)
+        skip_layers = select_skipped_layers(fit, args.prune_ratio)
+    try:
+        skip_layers = check_skip_layers(skip_layers, num_layers)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    log(f"draft skips layers {skip_layers} of {num_layers} (γ = {args.draft_len})")
+
+    if args.export_draft is not None:
+        try:
+            size = export_draft(model, tokenizer, skip_layers, args.export_draft, fit=fit, source=args.model, force=args.force)
+        except FileExistsError as error:
+            raise UserError(str(error)) from None
+        log(f"draft written to {args.export_draft} ({size / 2**20:.1f} MiB)")
+
+    settings = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    make_generator = lambda: torch.Generator(device).manual_seed(args.seed)  # noqa: E731
+    print(args.prompt, end="", flush=True)
+    tokens, stats = speculative_generate(model, input_ids, skip_layers, draft_len=args.draft_len, generator=make_generator(), on_tokens=TextStream(tokenizer), **settings)
+    print()
+    log(f"SDFP: {stats.summary()}")
+    if args.compare:
+        plain_tokens, plain = autoregressive_generate(model, input_ids, generator=make_generator(), **settings)
+        log(f"plain: {plain.summary()}")
+        log(f"speedup: {plain.seconds / stats.seconds:.2f}x (plain {plain.seconds:.2f} s / SDFP {stats.seconds:.2f} s)")
+        if args.temperature == 0:
+            same = torch.equal(tokens, plain_tokens)
+            log(f"greedy outputs token-identical: {'yes' if same else 'NO'}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as hf_logging
+
+    args = parse_args(argv)
+    hf_logging.disable_progress_bar()  # keep stderr for our own lines: no loading bars,
+    hf_logging.set_verbosity_error()  # no library warnings,
+    hub_logging.set_verbosity_error()  # no "Retrying in 1s" lines while the hub is unreachable
+    try:
+        run(args)
+    except UserError as error:
+        print(f"sdfp: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# Appendix: the built-in calibration text
+#
+# FIT needs a little ordinary text to estimate the Fisher information. This one was
+# written for this project (so it works offline and carries no license of its own); it
+# mixes narrative, exposition, dialogue, lists and numbers, like the text LLMs see.
+
+CALIBRATION_TEXT = """\
+The lighthouse keeper on the northern island kept two notebooks. In the first she wrote the weather: the wind at dawn, the height of the swell, the colour of the sky when the sun went down. In the second she wrote everything else. Her name was Ines, and she had lived alone on the island for eleven winters, with a grey cat, a radio that only worked when the wind came from the west, and a small garden of potatoes and beans that the gulls raided every August.
+
+One morning in early spring a boat arrived that she had not expected. It was painted blue, with a yellow stripe along the side, and the man who stepped out of it carried a wooden box under one arm. "I am looking for the keeper," he said. "I have a letter for her, and something that belonged to her father."
+
+Ines did not answer at once. She looked at the box, then at the man, then at the sea behind him, which was calm for the first time in weeks. "I am the keeper," she said at last. "Come inside. The kettle is already on."
+
+Inside the box was a brass instrument she had not seen since she was a child: a pocket sextant, scratched and green at the hinges, with her father's initials cut into the frame. The letter explained that it had been found in the attic of a house on the mainland, in a trunk full of charts and old receipts. The man, whose name was Tomas, had spent two months finding out whom it belonged to.
+
+"Why did you go to so much trouble?" she asked.
+
+"Because someone once did the same for me," he said, and he drank his tea without saying anything more about it.
+
+---
+
+A computer does not understand a sentence the way a person does. It sees a list of numbers. Before a language model reads any text, a tokenizer cuts the text into pieces, called tokens, and gives each piece a number. Common words usually become a single token, while rare words are split into several smaller pieces. The model then turns every number into a vector, a long list of real values, and passes these vectors through a stack of layers. Each layer mixes information between positions, through attention, and transforms each position on its own, through a small feed-forward network. At the top of the stack, the model produces a score for every token in its vocabulary, and a softmax turns the scores into probabilities for the next token.
+
+Training adjusts the weights of every layer so that the probability of the true next token goes up. After training on a large amount of text, the model has learned grammar, facts, and many habits of style. Generating text is then a loop: predict a distribution, choose a token from it, append the token, and predict again. Because every new token needs a full pass through every layer, generation is slow, and most of the time is spent reading weights from memory rather than doing arithmetic.
+
+Not every layer matters equally. Some layers change the hidden state a great deal; others make only small corrections. If we could tell which layers matter least, we could skip them to make a cheaper, slightly worse copy of the model. That copy can guess several tokens ahead, and the full model can check all of the guesses at once. When the guesses are right, we have saved time. When they are wrong, we throw them away, and we have lost only a little.
+
+---
+
+Here is a simple recipe for bread, written down the way a grandmother would explain it.
+
+1. Mix 500 grams of flour with 10 grams of salt in a large bowl.
+2. Dissolve 7 grams of dry yeast in 350 millilitres of warm water.
+3. Pour the water into the flour and stir until no dry flour is left.
+4. Knead the dough for ten minutes, until it is smooth and springs back when pressed.
+5. Cover the bowl with a cloth and leave it somewhere warm for about an hour.
+6. Shape the loaf, let it rise for another forty minutes, and bake it at 220 degrees for 35 minutes.
+
+If the crust sounds hollow when you tap the bottom, the bread is done. Let it cool before cutting it, even though nobody ever does.
+
+---
+
+Question: A train leaves the station at 9:15 and travels at 80 kilometres per hour. A second train leaves the same station at 10:00 on a parallel track and travels at 100 kilometres per hour. At what time does the second train catch up with the first?
+
+Answer: By 10:00 the first train has travelled for 45 minutes, which is three quarters of an hour, so it is 80 times 0.75, or 60 kilometres, ahead. The second train gains 100 minus 80, or 20 kilometres every hour. To close a gap of 60 kilometres it needs 60 divided by 20, which is 3 hours. The second train catches up at 13:00, one o'clock in the afternoon.
+
+Question: Maria has 24 apples. She gives one third of them to her brother and half of what is left to her neighbour. How many apples does she keep?
+
+Answer: One third of 24 is 8, so 16 apples are left. Half of 16 is 8, so Maria keeps 8 apples.
+
+---
+
+The town council met on Tuesday evening to discuss the new bridge. The old bridge, built in 1931, has been closed to heavy traffic since last year, when engineers found cracks in two of its supports. Residents on the east bank say that the detour adds twenty minutes to every trip into town, and shop owners report that fewer customers come in on market days. The council considered three plans. The cheapest would repair the old bridge and keep it open for cars only. The second would build a new bridge beside the old one, which would become a path for walkers and cyclists. The most expensive plan would replace the old bridge entirely. After a long debate, the council voted six to three in favour of the second plan. Work is expected to begin next spring and to last about eighteen months.
+
+"It is not the cheapest choice," said the mayor after the meeting, "but it is the one people asked for. We keep the old bridge, which is part of the history of this town, and we get a road that can carry a fire engine."
+
+---
+
+In the evening the wind turned to the west and the radio came alive. Ines listened to the shipping forecast while Tomas studied the charts on the kitchen table. He pointed at a small mark near the edge of one of them. "Your father drew this," he said. "There is no rock there on the modern maps."
+
+"There is," said Ines. "At low tide in September you can see it from the lamp room. The new maps are wrong, and my father was right, and nobody ever believed him." She smiled, took the second notebook from the shelf, and began to write.
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
