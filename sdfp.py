@@ -23,8 +23,9 @@ Map of this file (it runs top to bottom in the order the method does)
   4. Probabilities     temperature -> top-k -> top-p, identical for draft and target
   5. Speculation       draft -> verify -> accept / resample -> roll the cache back
   6. Generation        speculative_generate and autoregressive_generate
-  7. Export            the draft as a standalone Hugging Face checkpoint
-  8. Command line      python sdfp.py --model TinyLlama --prompt "..."
+  7. Auto draft        choose the skipped layers and γ from the closed-form speedup
+  8. Export            the draft as a standalone Hugging Face checkpoint
+  9. Command line      python sdfp.py --model TinyLlama --prompt "..."
   Appendix             the built-in calibration text
 
 Conventions: batch size 1; `V` is the vocabulary size, `L` the number of decoder layers,
@@ -270,30 +271,32 @@ def check_skip_layers(skip_layers: Sequence[int], num_layers: int) -> list[int]:
 
 @contextlib.contextmanager
 def layer_skip(model: nn.Module, skip_layers: Sequence[int], cache=None) -> Iterator[object]:
-    """Within the block, `model(...)` runs only the kept layers; yields the draft's view of `cache`."""
+    """Within the block, `model` is its K kept layers; yields the draft's view of `cache`."""
     from transformers import Cache
 
     parent, attr, layers = decoder_layer_list(model)
-    kept = [l for l in range(len(layers)) if l not in set(check_skip_layers(skip_layers, len(layers)))]
+    skip = check_skip_layers(skip_layers, len(layers))
+    kept = [l for l in range(len(layers)) if l not in skip]
     config = model.config.get_text_config()
-    layer_types = getattr(config, "layer_types", None)  # e.g. Qwen2's "full_attention" / "sliding_attention"
-
-    # Every module of a kept layer that addresses the cache by `layer_idx` gets its new number.
-    renumbered = [(m, m.layer_idx) for j, l in enumerate(kept) for m in layers[l].modules() if isinstance(getattr(m, "layer_idx", None), int)]
-    new_index = {id(m): j for j, l in enumerate(kept) for m in layers[l].modules()}
+    saved_config = {"num_hidden_layers": config.num_hidden_layers}
+    if getattr(config, "layer_types", None) is not None:  # e.g. Qwen2: "full_attention" / "sliding_attention"
+        saved_config["layer_types"] = config.layer_types
+    # every module of a kept layer that addresses the cache by `layer_idx`, with its old and new number
+    renumber = [(m, m.layer_idx, j) for j, l in enumerate(kept) for m in layers[l].modules() if isinstance(getattr(m, "layer_idx", None), int)]
     try:
-        setattr(parent, attr, nn.ModuleList([layers[l] for l in kept]))
-        for m, _ in renumbered:
-            m.layer_idx = new_index[id(m)]
-        if layer_types is not None:
-            config.layer_types = [layer_types[l] for l in kept]
+        setattr(parent, attr, nn.ModuleList([layers[l] for l in kept]))  # the same modules, no copies
+        for module, _, new_index in renumber:
+            module.layer_idx = new_index
+        config.num_hidden_layers = len(kept)
+        if "layer_types" in saved_config:
+            config.layer_types = [saved_config["layer_types"][l] for l in kept]
         yield None if cache is None else Cache(layers=[cache.layers[l] for l in kept])
     finally:
         setattr(parent, attr, layers)
-        for m, index in renumbered:
-            m.layer_idx = index
-        if layer_types is not None:
-            config.layer_types = layer_types
+        for module, old_index, _ in renumber:
+            module.layer_idx = old_index
+        for key, value in saved_config.items():
+            setattr(config, key, value)
 
 
 def new_cache(model: nn.Module):
@@ -506,6 +509,7 @@ class GenerationStats:
     new_tokens: int = 0
     drafted: int = 0
     accepted: int = 0
+    rejections: int = 0  # steps that ended with a rejected draft token
     target_forwards: int = 0  # decoding forwards of the full model (the prompt's prefill not counted)
     draft_forwards: int = 0
     seconds: float = 0.0
@@ -514,6 +518,13 @@ class GenerationStats:
     def acceptance_rate(self) -> float:
         """α: the fraction of drafted tokens the target accepted."""
         return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def token_acceptance(self) -> float:
+        """Per-token acceptance probability, the α of the closed form: each drafted token is
+        tested until the first rejection, so α = accepted / (accepted + rejections)."""
+        tested = self.accepted + self.rejections
+        return self.accepted / tested if tested else 0.0
 
     @property
     def mean_accepted_length(self) -> float:
@@ -569,6 +580,7 @@ def _generate(
         stats.draft_forwards += step.drafted
         stats.drafted += step.drafted
         stats.accepted += step.accepted
+        stats.rejections += step.accepted < step.drafted
         tokens = step.tokens
         stop = next((i for i, t in enumerate(tokens) if t in eos), None)
         if stop is not None:  # EOS, drafted or sampled, ends generation right there
@@ -633,7 +645,164 @@ def autoregressive_generate(
 
 
 # -----------------------------------------------------------------------------
-# 7. Export: the draft as a standalone checkpoint
+# 7. Choosing the draft automatically: how many layers to skip, how many tokens to draft
+#
+# The paper fixes the pruning ratio by hand. With three measured numbers the best choice
+# follows from the closed form of Leviathan et al. (their Thm 1 and Eq. 1):
+#   α  the per-token acceptance probability E[sum_x min(p(x), q(x))]
+#   c  the cost of one draft forward relative to one full single-token forward
+#   V  the cost of verifying γ+1 tokens in one forward, relative to the same
+# A step drafts γ tokens (cost γc), verifies them (cost V) and yields on average
+# 1 + α + ... + α^γ = (1 - α^(γ+1)) / (1 - α) tokens, so the expected speedup is
+#
+#     S(k, γ) = (1 - α_k^(γ+1)) / ((1 - α_k) (γ c_k + V_γ))
+#
+# for the draft that skips the k lowest-FIT layers. α_k is measured teacher-forced on
+# calibration text (one target and one draft forward over the same tokens), c_k and V_γ
+# by timing forwards on this machine. We pick the (k, γ) with the largest S; when even
+# that is below `min_speedup`, speculation does not pay here and we decode plainly.
+
+
+def expected_speedup(alpha: float, draft_len: int, cost_ratio: float, verify_cost: float) -> float:
+    """S = (1 - α^(γ+1)) / ((1 - α)(γc + V)): expected tokens per step over cost per step."""
+    tokens = draft_len + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (draft_len + 1)) / (1.0 - alpha)
+    return tokens / (draft_len * cost_ratio + verify_cost)
+
+
+@torch.inference_mode()
+def teacher_forced_acceptance(model: nn.Module, input_ids: torch.Tensor, skip_layers: Sequence[int], sampling: Sampling) -> float:
+    """α = mean over positions of sum_x min(p(x), q(x)) on a given text (1, T).
+
+    Under greedy decoding (one-hot p and q) this is the draft's argmax agreement.
+    """
+    p_target = sampling_probs(model(input_ids=input_ids).logits[0], sampling)  # (T, V)
+    with layer_skip(model, skip_layers):
+        q_draft = sampling_probs(model(input_ids=input_ids).logits[0], sampling)
+    return torch.minimum(p_target, q_draft).sum(-1).mean().item()
+
+
+def median_seconds(calls: Sequence[Callable[[], object]], device: torch.device, rounds: int = 7) -> list[float]:
+    """Median wall time of each call, timed in interleaved rounds (round 0 warms up), so a
+    burst of load on a shared machine hits all of them alike rather than one."""
+    times = [[] for _ in calls]
+    for round_ in range(rounds + 1):
+        for i, call in enumerate(calls):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            call()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if round_ > 0:
+                times[i].append(time.perf_counter() - t0)
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
+def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of y = a + b x."""
+    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-12)
+    return my - slope * mx, slope
+
+
+@torch.inference_mode()
+def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: Sampling, rounds: int = 7) -> tuple[Callable[[int], float], Callable[[int], float]]:
+    """Cost models on this machine, relative to one plain decoding step (a single-token
+    forward plus sampling): c(K) for one draft token from K of the L layers, and V(γ) for
+    verifying γ+1 tokens in one forward.
+
+    We time the decoding loop's own `draft` and `verify`, so their overheads (sampling, cache
+    rollback) are counted, on a few shapes, and fit a line through them: a forward costs an
+    overhead plus a per-layer (or per-token) part, and the line is steadier than timing every
+    candidate once.
+    """
+    num_layers = num_decoder_layers(model)
+    device = next(model.parameters()).device
+    start = cache_length(cache)
+    last_token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    generator = torch.Generator(device).manual_seed(0)
+
+    def draft_call(kept: int):
+        return lambda: draft(model, cache, last_token, list(range(kept, num_layers)), 1, sampling, generator)
+
+    def verify_call(gamma: int):
+        def call():
+            verify(model, cache, last_token, last_token.new_zeros(gamma), sampling)
+            truncate_cache(cache, start)
+        return call
+
+    kept_counts = sorted({1, max(1, num_layers // 4), max(1, num_layers // 2), max(1, 3 * num_layers // 4), num_layers})
+    gammas = sorted({0, 1} | set(draft_lens))
+    times = median_seconds([draft_call(k) for k in kept_counts] + [verify_call(g) for g in gammas], device, rounds)
+    draft_a, draft_b = fit_line(kept_counts, times[: len(kept_counts)])
+    verify_a, verify_b = fit_line(gammas, times[len(kept_counts) :])
+    plain_step = verify_a  # verifying 0 drafted tokens is one plain decoding step
+    return (lambda kept: (draft_a + draft_b * kept) / plain_step), (lambda gamma: (verify_a + verify_b * gamma) / plain_step)
+
+
+@dataclasses.dataclass
+class DraftPlan:
+    skip_layers: list[int]  # [] with draft_len 0: decode plainly
+    draft_len: int
+    predicted_speedup: float
+    alpha: float
+    cost_ratio: float
+    verify_cost: float
+    seconds: float  # how long planning took
+    candidates: list[dict]  # per number of skipped layers k: α, c, best γ, S
+
+    def summary(self) -> str:
+        if self.draft_len == 0:
+            best = max(self.candidates, key=lambda row: row["speedup"], default=None)
+            why = f"the best draft (k = {best['k']}, γ = {best['draft_len']}) predicts {best['speedup']:.2f}x" if best else "no draft fits"
+            return f"decoding plainly: {why}, below the 1.05x worth speculating for (planned in {self.seconds:.1f} s)"
+        return (
+            f"skip {len(self.skip_layers)} layers, γ = {self.draft_len}: α = {self.alpha:.2f}, c = {self.cost_ratio:.2f}, "
+            f"V = {self.verify_cost:.2f}, predicted speedup {self.predicted_speedup:.2f}x (planned in {self.seconds:.1f} s)"
+        )
+
+
+def plan_draft(
+    model: nn.Module,
+    tokenizer,
+    fit: Sequence[float],
+    *,
+    sampling: Sampling = Sampling(),
+    texts: Sequence[str] | None = None,
+    draft_lens: Sequence[int] = tuple(range(1, 9)),
+    min_speedup: float = 1.05,
+    seq_len: int = 256,
+) -> DraftPlan:
+    """Pick the number of lowest-FIT layers to skip and γ that maximise the expected speedup S."""
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    num_layers = len(fit)
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", seq_len)
+    seq_len = min(seq_len, context - max(draft_lens) - 1)
+    input_ids = calibration_batches(tokenizer, texts, seq_len, 1)[0].to(device)  # (1, seq_len)
+
+    cache = new_cache(model)
+    with torch.inference_mode():
+        model(input_ids=input_ids[:, : seq_len // 2], cache=cache, use_cache=True)  # a typical context
+    cost_ratio, verify_cost = measure_costs(model, cache, draft_lens, sampling)
+
+    candidates = []
+    for k in range(1, num_layers):
+        skip = select_skipped_layers(fit, k / num_layers)
+        alpha = teacher_forced_acceptance(model, input_ids, skip, sampling)
+        c = cost_ratio(num_layers - len(skip))
+        speedup, gamma = max((expected_speedup(alpha, g, c, verify_cost(g)), g) for g in draft_lens)
+        candidates.append(dict(k=len(skip), skip_layers=skip, alpha=alpha, cost_ratio=c, draft_len=gamma, speedup=speedup))
+
+    best = max(candidates, key=lambda row: row["speedup"], default=None)
+    seconds = time.perf_counter() - t0
+    if best is None or best["speedup"] < min_speedup:
+        return DraftPlan([], 0, 1.0, 0.0, 0.0, 1.0, seconds, candidates)
+    return DraftPlan(best["skip_layers"], best["draft_len"], best["speedup"], best["alpha"], best["cost_ratio"], verify_cost(best["draft_len"]), seconds, candidates)
+
+
+# -----------------------------------------------------------------------------
+# 8. Export: the draft as a standalone checkpoint
 #
 # Hugging Face `generate(assistant_model=...)` and vLLM run speculative decoding with a
 # separate draft model. The SDFP draft becomes one by copying the kept layers (renumbered
@@ -648,18 +817,16 @@ def export_draft(model: nn.Module, tokenizer, skip_layers: Sequence[int], out_di
     num_layers = num_decoder_layers(model)
     skip = check_skip_layers(skip_layers, num_layers)
     kept = [l for l in range(num_layers) if l not in skip]
-    config = model.config.get_text_config()
     out.mkdir(parents=True, exist_ok=True)
-    with layer_skip(model, skip):
-        saved = {"num_hidden_layers": config.num_hidden_layers}
-        config.num_hidden_layers = len(kept)
-        try:
+    saved_config = dict(vars(model.config))  # save_pretrained writes into the config (architectures)
+    try:
+        with layer_skip(model, skip):  # inside, the model and its config are the K-layer draft
             model.save_pretrained(out)
-        finally:
-            config.num_hidden_layers = saved["num_hidden_layers"]
+    finally:
+        vars(model.config).clear()
+        vars(model.config).update(saved_config)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     lines = [
         "# SDFP draft model",
         "",
@@ -673,11 +840,11 @@ def export_draft(model: nn.Module, tokenizer, skip_layers: Sequence[int], out_di
     if fit is not None:
         lines += ["", "FIT score per source layer:", ""] + [f"- layer {l}: {s:.6g}" + (" (skipped)" if l in skip else "") for l, s in enumerate(fit)]
     (out / "README.md").write_text("\n".join(lines) + "\n")
-    return size
+    return sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
 
 
 # -----------------------------------------------------------------------------
-# 8. Command line
+# 9. Command line
 
 MODEL_ALIASES = {"TinyLlama": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"}
 
@@ -752,8 +919,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", required=True, help="hub id, local folder, or the alias TinyLlama")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--draft-len", type=int, default=4, help="γ, tokens drafted per step")
-    ap.add_argument("--prune-ratio", type=float, default=0.25, help="fraction of layers the draft skips")
+    ap.add_argument("--draft-len", default="auto", help="γ, tokens drafted per step (auto: chosen with the layers, else 4)")
+    ap.add_argument("--prune-ratio", default="auto", help="fraction of layers the draft skips, or auto (measure and choose)")
     ap.add_argument("--skip-layers", default=None, help="explicit layers to skip, e.g. 3,5,7 (overrides FIT)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=0)
@@ -774,10 +941,17 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("The prompt is empty; pass some text with --prompt.")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}.")
-    if args.draft_len < 1:
-        raise UserError(f"--draft-len must be at least 1; got {args.draft_len}.")
-    if not 0.0 <= args.prune_ratio < 1.0:
-        raise UserError(f"--prune-ratio must lie in [0, 1); got {args.prune_ratio}.")
+    if args.draft_len != "auto":
+        if not args.draft_len.isdigit() or int(args.draft_len) < 1:
+            raise UserError(f"--draft-len must be auto or a whole number of at least 1; got {args.draft_len}.")
+        args.draft_len = int(args.draft_len)
+    if args.prune_ratio != "auto":
+        try:
+            args.prune_ratio = float(args.prune_ratio)
+        except ValueError:
+            args.prune_ratio = math.nan
+        if not 0.0 <= args.prune_ratio < 1.0:
+            raise UserError(f"--prune-ratio must be auto or lie in [0, 1); got {args.prune_ratio}.")
     try:
         Sampling(args.temperature, args.top_k, args.top_p)
     except ValueError as error:
@@ -831,20 +1005,28 @@ def run(args: argparse.Namespace) -> None:
             args.max_new_tokens = context - input_ids.shape[1]
             log(f"--max-new-tokens lowered to {args.max_new_tokens} to fit the context of {context} tokens")
 
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
     fit = None
-    if args.skip_layers is not None:
-        skip_layers = args.skip_layers
-    else:
+    if args.skip_layers is None:
         texts = None if args.calib is None else [Path(args.calib).read_text(encoding="utf-8")]
         fit = cached_fit_scores(model, tokenizer, texts, model_name=args.model, log=log)
-        skip_layers = select_skipped_layers(fit, args.prune_ratio)
-    try:
-        skip_layers = check_skip_layers(skip_layers, num_layers)
-    except ValueError as error:
-        raise UserError(str(error)) from None
-    log(f"draft skips layers {skip_layers} of {num_layers} (γ = {args.draft_len})")
+    if args.skip_layers is not None or args.prune_ratio != "auto":
+        try:
+            skip_layers = check_skip_layers(args.skip_layers if fit is None else select_skipped_layers(fit, args.prune_ratio), num_layers)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        draft_len = 4 if args.draft_len == "auto" else args.draft_len
+    else:
+        draft_lens = range(1, 9) if args.draft_len == "auto" else [args.draft_len]
+        plan = plan_draft(model, tokenizer, fit, sampling=sampling, texts=texts, draft_lens=draft_lens)
+        log(f"auto draft: {plan.summary()}")
+        skip_layers, draft_len = plan.skip_layers, plan.draft_len
+    if draft_len:
+        log(f"draft skips layers {skip_layers} of {num_layers} (γ = {draft_len})")
 
     if args.export_draft is not None:
+        if not draft_len:
+            raise UserError("Automatic mode chose plain decoding, so there is no draft to export; pass --prune-ratio or --skip-layers.")
         try:
             size = export_draft(model, tokenizer, skip_layers, args.export_draft, fit=fit, source=args.model, force=args.force)
         except FileExistsError as error:
@@ -860,9 +1042,13 @@ def run(args: argparse.Namespace) -> None:
     )
     make_generator = lambda: torch.Generator(device).manual_seed(args.seed)  # noqa: E731
     print(args.prompt, end="", flush=True)
-    tokens, stats = speculative_generate(model, input_ids, skip_layers, draft_len=args.draft_len, generator=make_generator(), on_tokens=TextStream(tokenizer), **settings)
+    stream = TextStream(tokenizer)
+    if draft_len:
+        tokens, stats = speculative_generate(model, input_ids, skip_layers, draft_len=draft_len, generator=make_generator(), on_tokens=stream, **settings)
+    else:
+        tokens, stats = autoregressive_generate(model, input_ids, generator=make_generator(), on_tokens=stream, **settings)
     print()
-    log(f"SDFP: {stats.summary()}")
+    log(f"{'SDFP' if draft_len else 'plain (auto)'}: {stats.summary()}")
     if args.compare:
         plain_tokens, plain = autoregressive_generate(model, input_ids, generator=make_generator(), **settings)
         log(f"plain: {plain.summary()}")

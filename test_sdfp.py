@@ -670,3 +670,65 @@ def test_load_model_maps_hub_errors(monkeypatch):
     with pytest.raises(sdfp.UserError, match="no model"):
         sdfp.load_model("someone/missing")
     assert sdfp.resolve_model_name("TinyLlama") == "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+
+
+# -----------------------------------------------------------------------------
+# Export: the draft as a standalone Hugging Face checkpoint
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_exported_draft_equals_layer_skip_forward_and_plugs_into_hf_generate(arch, tmp_path):
+    model = tiny_model(arch)
+    skip = [1, 2]
+    before = snapshot(model)
+    size = sdfp.export_draft(model, None, skip, tmp_path / "draft", fit=[1.0, 0.1, 0.2, 3.0])
+    assert_unchanged(model, before)
+    assert size == sum(f.stat().st_size for f in (tmp_path / "draft").iterdir())
+    assert "layers [1, 2] skipped" in (tmp_path / "draft" / "README.md").read_text()
+    draft = AutoModelForCausalLM.from_pretrained(tmp_path / "draft").eval()
+    assert draft.config.num_hidden_layers == 2 and draft.dtype == torch.float64
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    with torch.no_grad():
+        with sdfp.layer_skip(model, skip):
+            expected = model(input_ids=ids).logits
+        torch.testing.assert_close(draft(input_ids=ids).logits, expected, atol=1e-12, rtol=0)
+
+    eos = model.config.eos_token_id  # HF generate stops at it too
+    plain, _ = sdfp.autoregressive_generate(model, ids, max_new_tokens=24, eos_token_id=eos)
+    ours, _ = sdfp.speculative_generate(model, ids, skip, max_new_tokens=24, draft_len=3, eos_token_id=eos)
+    hf = model.generate(ids, assistant_model=draft, do_sample=False, max_new_tokens=24,
+                        num_assistant_tokens=3, num_assistant_tokens_schedule="constant", pad_token_id=eos)  # fmt: skip
+    assert torch.equal(hf[0, ids.shape[1] :], plain) and torch.equal(ours, plain)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_export_with_nothing_skipped_reproduces_the_model(arch, tmp_path):
+    model = tiny_model(arch)
+    sdfp.export_draft(model, None, [], tmp_path)
+    copy = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[2, 7, 1, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(copy(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-12, rtol=0)
+
+
+def test_export_refuses_a_non_empty_folder_unless_forced(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--force"):
+        sdfp.export_draft(tiny_model("llama"), None, [1], tmp_path)
+    sdfp.export_draft(tiny_model("llama"), None, [1], tmp_path, force=True)
+    assert (tmp_path / "config.json").exists()
+
+
+def test_cli_export_draft(tiny_folder, tmp_path):
+    out = tmp_path / "draft"
+    args = ["--model", str(tiny_folder), "--prompt", "the cat", "--max-new-tokens", "5", "--skip-layers", "1,2", "--export-draft", str(out)]
+    result = run_cli(*args, cache_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"draft written to {out}" in result.stderr and "MiB" in result.stderr
+    from transformers import AutoTokenizer
+
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
+    assert AutoTokenizer.from_pretrained(out)("the cat")["input_ids"]
+    again = run_cli(*args, cache_dir=tmp_path)
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert run_cli(*args, "--force", cache_dir=tmp_path).returncode == 0

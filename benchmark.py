@@ -1,0 +1,401 @@
+"""benchmark.py — measure SDFP against plain decoding on the paper's tasks.
+
+sdfp.py is the reference; this is the measuring stick. For each model and task it runs
+plain and speculative decoding side by side in one process (same prompts, warm-up first,
+the methods interleaved prompt by prompt so that load on a shared machine hits all alike)
+and prints a markdown table:
+
+  tok/s, speedup over plain decoding, acceptance rate (accepted / drafted), α (per-token
+  acceptance, accepted / (accepted + rejections)), τ (new tokens per target forward, bonus
+  included), c (draft / target cost of one token), V (cost of verifying γ+1 tokens in one
+  forward / one single-token step), the closed-form prediction
+  S = (1 - α^(γ+1)) / ((1 - α)(γc + V)), and efficiency = measured / predicted.
+
+  python benchmark.py --model ../shared/models/echo24L --task all --n 20
+  python benchmark.py --model ../shared/models/echo24L --task tinystories --hf     # + HF generate
+  python benchmark.py --model ../shared/models/mixed12L --rankings                 # FIT vs other layer choices
+
+Prompts are built the way SWIFT / SDFP evaluate: TinyStories continuation (held-out
+stories 800-999), CNN/DM 1-shot summarization (Spec-Bench `summarization`), GSM8K 5-shot
+(Spec-Bench `math_reasoning`, exemplars from GSM8K test problems not among them); a prompt
+longer than the model's context loses exemplars (GSM8K) or article words (CNN/DM) first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import sdfp
+
+SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+TASKS = ("tinystories", "cnndm", "gsm8k")
+
+
+# -----------------------------------------------------------------------------
+# Prompts
+
+
+def fits(tokenizer, text: str, budget: int) -> bool:
+    return len(tokenizer(text, verbose=False)["input_ids"]) <= budget
+
+
+def tinystories_prompts(tokenizer, n: int, budget: int) -> list[str]:
+    stories = (SHARED_DATA / "tinystories" / "tinystories_val_eot.txt").read_text(encoding="utf-8").split("<|endoftext|>")
+    prompts = []
+    for story in stories[800:1000]:
+        sentences = story.strip().replace("\n", " ").split(". ")
+        if len(sentences) >= 4:  # continue the story from its first two sentences
+            prompts.append(". ".join(sentences[:2]) + ".")
+        if len(prompts) == n:
+            break
+    return prompts
+
+
+def spec_bench(category: str) -> list[dict]:
+    rows = [json.loads(line) for line in (SHARED_DATA / "spec_bench" / "question.jsonl").open(encoding="utf-8")]
+    return [row for row in rows if row["category"] == category]
+
+
+def cnndm_prompts(tokenizer, n: int, budget: int) -> list[str]:
+    items = spec_bench("summarization")
+    shot, items = items[0], items[1 : n + 1]  # the first item is the 1-shot example
+    article = lambda item: item["turns"][0].removeprefix("Summarize: ")  # noqa: E731
+    prompts = []
+    for item in items:
+        words_shot, words = article(shot).split(), article(item).split()
+        keep = 1.0
+        while True:  # shorten both articles until the prompt fits the context
+            text = (
+                f"Article: {' '.join(words_shot[: int(len(words_shot) * keep / 2)])}\nSummary: {shot['reference'][0]}\n\n"
+                f"Article: {' '.join(words[: int(len(words) * keep)])}\nSummary:"
+            )
+            if fits(tokenizer, text, budget) or keep < 0.02:
+                break
+            keep *= 0.8
+        prompts.append(text)
+    return prompts
+
+
+def gsm8k_prompts(tokenizer, n: int, budget: int) -> list[str]:
+    questions = [item["turns"][0] for item in spec_bench("math_reasoning")][:n]
+    asked = {q.strip() for q in questions}
+    problems = [json.loads(line) for line in (SHARED_DATA / "gsm8k" / "test.jsonl").open(encoding="utf-8")]
+    shots = [p for p in problems if p["question"].strip() not in asked][:5]
+    prompts = []
+    for question in questions:
+        for k in range(5, -1, -1):  # drop exemplars until the prompt fits the context
+            text = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in shots[5 - k :])
+            text += f"Question: {question}\nAnswer:"
+            if fits(tokenizer, text, budget):
+                break
+        prompts.append(text)
+    return prompts
+
+
+PROMPTS = {"tinystories": tinystories_prompts, "cnndm": cnndm_prompts, "gsm8k": gsm8k_prompts}
+
+
+# -----------------------------------------------------------------------------
+# Methods: each is called as method(model, input_ids, max_new_tokens, eos_token_id, sampling,
+# generator) and returns (new tokens, sdfp.GenerationStats)
+
+
+class CallCounter:
+    """Counts forward calls of a module (for Hugging Face generate's forwards)."""
+
+    def __init__(self, module):
+        self.calls = 0
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, *args):
+        self.calls += 1
+
+
+def hf_method(model, draft=None, draft_len=0):
+    """Hugging Face generate, plain or with the exported draft as assistant model."""
+    target_calls = CallCounter(model)
+    draft_calls = CallCounter(draft) if draft is not None else None
+    if draft is not None:  # the same γ every step, no early stop on the assistant's confidence
+        draft.generation_config.num_assistant_tokens = draft_len
+        draft.generation_config.num_assistant_tokens_schedule = "constant"
+        draft.generation_config.assistant_confidence_threshold = 0.0
+
+    def run(_model, input_ids, max_new_tokens, eos_token_id, sampling, generator):
+        target_calls.calls = 0
+        if draft_calls:
+            draft_calls.calls = 0
+        t0 = time.perf_counter()
+        kwargs = dict(do_sample=sampling.temperature > 0, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+        if sampling.temperature > 0:
+            kwargs |= dict(temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=sampling.top_p)
+        if draft is not None:
+            kwargs |= dict(assistant_model=draft)
+        with torch.inference_mode():
+            out = model.generate(input_ids.to(model.device), **kwargs)
+        seconds = time.perf_counter() - t0
+        tokens = out[0, input_ids.shape[1] :].cpu()
+        stats = sdfp.GenerationStats(new_tokens=len(tokens), target_forwards=target_calls.calls, seconds=seconds)
+        if draft_calls:
+            stats.drafted = draft_calls.calls
+            stats.accepted = max(0, len(tokens) - target_calls.calls)  # each target forward yields one non-draft token
+        return tokens, stats
+
+    return run
+
+
+def ours(skip_layers, draft_len):
+    def run(model, input_ids, max_new_tokens, eos_token_id, sampling, generator):
+        settings = dict(max_new_tokens=max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+                        top_p=sampling.top_p, eos_token_id=eos_token_id, generator=generator)  # fmt: skip
+        if draft_len == 0:
+            return sdfp.autoregressive_generate(model, input_ids, **settings)
+        return sdfp.speculative_generate(model, input_ids, skip_layers, draft_len=draft_len, **settings)
+
+    return run
+
+
+def add(total: sdfp.GenerationStats, stats: sdfp.GenerationStats) -> None:
+    for field in ("new_tokens", "drafted", "accepted", "rejections", "target_forwards", "draft_forwards", "seconds"):
+        setattr(total, field, getattr(total, field) + getattr(stats, field))
+
+
+def run_side_by_side(model, tokenizer, prompts, methods, *, max_new_tokens, sampling, seed, desc):
+    """Every method on every prompt, interleaved; returns {method: summed stats}."""
+    context = model.config.max_position_embeddings
+    encoded = [tokenizer(p, return_tensors="pt", verbose=False)["input_ids"] for p in prompts]
+    totals = {name: sdfp.GenerationStats() for name in methods}
+    eos = tokenizer.eos_token_id
+    for name, method in methods.items():  # warm-up
+        method(model, encoded[0], 8, eos, sampling, torch.Generator(model.device).manual_seed(seed))
+    reference = None
+    for i, input_ids in enumerate(tqdm(encoded, desc=desc, unit="prompt", leave=False)):
+        budget = min(max_new_tokens, context - input_ids.shape[1])
+        order = list(methods.items())
+        order = order[i % len(order) :] + order[: i % len(order)]  # rotate who goes first
+        outputs = {}
+        for name, method in order:
+            tokens, stats = method(model, input_ids, budget, eos, sampling, torch.Generator(model.device).manual_seed(seed + i))
+            add(totals[name], stats)
+            outputs[name] = tokens
+        if sampling.temperature == 0:  # greedy: every method must produce the same tokens
+            reference = next(iter(outputs.values()))
+            for name, tokens in outputs.items():
+                if not torch.equal(tokens, reference):
+                    print(f"warning: {name} differs from plain greedy output on prompt {i}", file=sys.stderr)
+    return totals
+
+
+# -----------------------------------------------------------------------------
+# The benchmark
+
+
+def describe_machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def benchmark_model(args, model_path: str) -> list[dict]:
+    device = args.device
+    model, tokenizer = sdfp.load_model(model_path, device, getattr(torch, args.dtype))
+    sampling = sdfp.Sampling(args.temperature, args.top_k, args.top_p)
+    name = Path(model_path).name
+    fit = sdfp.cached_fit_scores(model, tokenizer, None, model_name=model_path, log=lambda m: print(f"[{name}] {m}", file=sys.stderr))
+    num_layers = len(fit)
+    t0 = time.perf_counter()
+    if args.skip_layers:
+        skip, draft_len, how = [int(x) for x in args.skip_layers.split(",")], int(args.draft_len if args.draft_len != "auto" else 4), "fixed"
+    elif args.prune_ratio == "auto":
+        draft_lens = range(1, 9) if args.draft_len == "auto" else [int(args.draft_len)]
+        plan = sdfp.plan_draft(model, tokenizer, fit, sampling=sampling, draft_lens=draft_lens)
+        print(f"[{name}] auto draft: {plan.summary()}", file=sys.stderr)
+        skip, draft_len, how = plan.skip_layers, plan.draft_len, "auto"
+    else:
+        skip = sdfp.select_skipped_layers(fit, float(args.prune_ratio))
+        draft_len, how = (4 if args.draft_len == "auto" else int(args.draft_len)), "fixed"
+    plan_seconds = time.perf_counter() - t0
+
+    methods = {"plain": ours([], 0), "sdfp": ours(skip, draft_len)}
+    tmp = None
+    if args.hf:
+        methods["hf plain"] = hf_method(model)
+        if draft_len:
+            tmp = tempfile.TemporaryDirectory()
+            sdfp.export_draft(model, tokenizer, skip, tmp.name)
+            from transformers import AutoModelForCausalLM
+
+            draft = AutoModelForCausalLM.from_pretrained(tmp.name, dtype=getattr(torch, args.dtype)).to(device).eval()
+            methods["hf assisted"] = hf_method(model, draft, draft_len)
+
+    rows = []
+    tasks = TASKS if args.task == "all" else (args.task,)
+    context = model.config.max_position_embeddings
+    for task in tasks:
+        prompts = PROMPTS[task](tokenizer, args.n, context - args.max_new_tokens)
+        totals = run_side_by_side(model, tokenizer, prompts, methods, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, desc=f"{name}/{task}")
+        # c and V on this task's context, with the loop's own draft and verify
+        cache = sdfp.new_cache(model)
+        first = tokenizer(prompts[0], return_tensors="pt", verbose=False)["input_ids"].to(device)
+        with torch.inference_mode():
+            model(input_ids=first, cache=cache, use_cache=True)
+        cost_ratio, verify_cost = sdfp.measure_costs(model, cache, [max(draft_len, 1)], sampling)
+        c, v = cost_ratio(num_layers - len(skip)), verify_cost(max(draft_len, 1))
+        plain = totals["plain"]
+        for method, stats in totals.items():
+            row = dict(model=name, task=task, method=method, tokens=stats.new_tokens, seconds=round(stats.seconds, 3),
+                       tok_s=stats.tokens_per_second, speedup=plain.seconds / stats.seconds * stats.new_tokens / plain.new_tokens)  # fmt: skip
+            if method == "sdfp" and draft_len == 0:
+                row["method"] = "sdfp (auto: plain)"
+            if stats.drafted:
+                alpha = stats.token_acceptance if method == "sdfp" else stats.accepted / stats.drafted
+                row |= dict(acceptance=stats.acceptance_rate, tau=stats.mean_accepted_length, skipped=len(skip), draft_len=draft_len)
+                if method == "sdfp":
+                    predicted = sdfp.expected_speedup(alpha, draft_len, c, v)
+                    row |= dict(alpha=alpha, c=c, V=v, predicted=predicted, efficiency=row["speedup"] / predicted)
+            rows.append(row)
+    rows.append(dict(model=name, task="-", method=f"draft choice ({how})", skip_layers=skip, draft_len=draft_len, seconds=round(plan_seconds, 2)))
+    if tmp is not None:
+        tmp.cleanup()
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = [("model", "model", "{}"), ("task", "task", "{}"), ("method", "method", "{}"), ("tok_s", "tok/s", "{:.1f}"),
+            ("speedup", "speedup", "{:.2f}x"), ("acceptance", "acc. rate", "{:.2f}"), ("alpha", "α", "{:.2f}"),
+            ("tau", "τ", "{:.2f}"), ("c", "c", "{:.2f}"), ("V", "V", "{:.2f}"), ("predicted", "S pred.", "{:.2f}x"),
+            ("efficiency", "efficiency", "{:.2f}")]  # fmt: skip
+    lines = ["| " + " | ".join(title for _, title, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        if "tok_s" not in row:
+            continue
+        lines.append("| " + " | ".join(fmt.format(row[key]) if key in row else "" for key, _, fmt in cols) + " |")
+    notes = [f"- {r['model']}: {r['method']}: skip {r['skip_layers']}, γ = {r['draft_len']} (chosen in {r['seconds']} s)" for r in rows if "skip_layers" in r]
+    return "\n".join(lines + [""] + notes)
+
+
+# -----------------------------------------------------------------------------
+# Which layers to skip: FIT against the alternatives
+
+
+def block_influence(model, input_ids) -> list[float]:
+    """ShortGPT's Block Influence: 1 - mean_t cos(h_in_t, h_out_t) per decoder layer."""
+    layers = sdfp.decoder_layer_list(model)[2]
+    scores = [0.0] * len(layers)
+    hooks = []
+    for l, layer in enumerate(layers):
+        def hook(module, args, kwargs, output, l=l):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = output[0] if isinstance(output, tuple) else output
+            scores[l] = 1 - torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1).mean().item()
+        hooks.append(layer.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.inference_mode():
+            model(input_ids=input_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return scores
+
+
+def rankings(args, model_path: str) -> list[dict]:
+    """At equal numbers k of skipped layers: α (teacher-forced and in decoding) and speedup
+    of the draft chosen by each ranking."""
+    model, tokenizer = sdfp.load_model(model_path, args.device, getattr(torch, args.dtype))
+    name = Path(model_path).name
+    table = sdfp.fisher_table(model, tokenizer, progress=False)
+    num_layers = table.num_layers
+    calib = sdfp.calibration_batches(tokenizer, None, 256, 1)[0].to(args.device)
+    held_out = tokenizer(" ".join(tinystories_prompts(tokenizer, 60, 10_000)[40:]), return_tensors="pt", verbose=False)["input_ids"][:, :256].to(args.device)
+    bi = block_influence(model, calib)
+    lowest = lambda scores, k: sorted(sorted(range(num_layers), key=lambda l: (scores[l], l))[:k])  # noqa: E731
+    prompts = tinystories_prompts(tokenizer, args.n, model.config.max_position_embeddings - args.max_new_tokens)
+    sampling = sdfp.Sampling(args.temperature, args.top_k, args.top_p)
+    rows = []
+    ks = sorted({max(1, num_layers // 4), max(1, num_layers // 2)} | ({11} if num_layers == 24 else set()))
+    for k in ks:
+        choices = {
+            "FIT (per tensor, default)": lowest(table.scores("tensor"), k),
+            "FIT (layer trace × mean θ²)": lowest(table.scores("layer"), k),
+            "FIT (element-wise Σ F θ²)": lowest(table.scores("elementwise"), k),
+            "Block Influence (ShortGPT)": lowest(bi, k),
+            "last k before the final layer": list(range(num_layers - 1 - k, num_layers - 1)),
+            "every other layer": list(range(num_layers - 2, 0, -2))[:k],
+        }
+        for seed in range(3):
+            choices[f"random (seed {seed})"] = sorted(random.Random(seed).sample(range(num_layers), k))
+        methods = {"plain": ours([], 0)} | {label: ours(skip, args.gamma) for label, skip in choices.items()}
+        totals = run_side_by_side(model, tokenizer, prompts, methods, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, desc=f"{name}/k={k}")
+        plain = totals["plain"]
+        for label, skip in choices.items():
+            stats = totals[label]
+            rows.append(dict(model=name, k=k, ranking=label, skip_layers=skip,
+                             alpha_teacher_forced=sdfp.teacher_forced_acceptance(model, held_out, skip, sampling),
+                             alpha=stats.token_acceptance, tau=stats.mean_accepted_length,
+                             speedup=plain.seconds / stats.seconds * stats.new_tokens / plain.new_tokens))  # fmt: skip
+    return rows
+
+
+def rankings_markdown(rows: list[dict]) -> str:
+    lines = ["| model | k | ranking | skipped layers | α teacher-forced | α decoding | τ | speedup |", "|---|---|---|---|---|---|---|---|"]
+    by_key = {}
+    for r in rows:
+        if r["ranking"].startswith("random"):
+            by_key.setdefault((r["model"], r["k"]), []).append(r)
+            continue
+        lines.append(f"| {r['model']} | {r['k']} | {r['ranking']} | {r['skip_layers']} | {r['alpha_teacher_forced']:.2f} | {r['alpha']:.2f} | {r['tau']:.2f} | {r['speedup']:.2f}x |")
+        if r["ranking"] == "every other layer":  # random sets right after the fixed rankings
+            rnd = by_key.get((r["model"], r["k"]), [])
+            mean = lambda key: sum(x[key] for x in rnd) / len(rnd)  # noqa: E731
+            if rnd:
+                lines.append(f"| {r['model']} | {r['k']} | random (mean of 3 seeds) | – | {mean('alpha_teacher_forced'):.2f} | {mean('alpha'):.2f} | {mean('tau'):.2f} | {mean('speedup'):.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", nargs="+", required=True, help="one or more local folders or hub ids")
+    ap.add_argument("--task", choices=TASKS + ("all",), default="tinystories")
+    ap.add_argument("--n", type=int, default=20, help="prompts per task")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prune-ratio", default="auto")
+    ap.add_argument("--draft-len", default="auto")
+    ap.add_argument("--skip-layers", default=None)
+    ap.add_argument("--hf", action="store_true", help="also time Hugging Face generate, plain and with the exported draft")
+    ap.add_argument("--rankings", action="store_true", help="compare FIT with other ways to choose the skipped layers")
+    ap.add_argument("--gamma", type=int, default=3, help="draft length for --rankings")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--json", default=None, metavar="FILE")
+    args = ap.parse_args(argv)
+    if not (SHARED_DATA / "tinystories").is_dir():
+        print(f"benchmark.py needs the shared data in {SHARED_DATA}; it is absent.", file=sys.stderr)
+        return 2
+
+    machine = describe_machine(args.device)
+    print(f"machine: {machine}\ncommand: python {' '.join(sys.argv)}\n")
+    rows = []
+    for model_path in args.model:
+        rows += rankings(args, model_path) if args.rankings else benchmark_model(args, model_path)
+        print(rankings_markdown(rows) if args.rankings else markdown(rows), flush=True)
+        print()
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(machine=machine, argv=sys.argv, rows=rows), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
