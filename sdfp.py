@@ -817,6 +817,9 @@ def export_draft(model: nn.Module, tokenizer, skip_layers: Sequence[int], out_di
     num_layers = num_decoder_layers(model)
     skip = check_skip_layers(skip_layers, num_layers)
     kept = [l for l in range(num_layers) if l not in skip]
+    if getattr(model.config, "scale_attn_by_inverse_layer_idx", False) and skip:
+        # GPT-2 variants that scale attention by 1/(layer index + 1) would rescale renumbered layers
+        raise ValueError("This model scales attention by its layer index, so its layers cannot be renumbered into a standalone draft.")
     out.mkdir(parents=True, exist_ok=True)
     saved_config = dict(vars(model.config))  # save_pretrained writes into the config (architectures)
     try:

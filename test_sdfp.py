@@ -650,13 +650,14 @@ def test_cli_end_to_end(tiny_folder, tmp_path):
         (["--temperature", "-1"], "--temperature"),
     ],
 )
-def test_cli_bad_input_exits_2_with_one_line(tiny_folder, tmp_path, extra, message):
+def test_cli_bad_input_exits_2_with_one_line(tiny_folder, tmp_path, monkeypatch, capsys, extra, message):
+    """In-process (sdfp.main) to keep the suite fast; test_cli_end_to_end runs the real script."""
+    monkeypatch.setenv("SDFP_CACHE_DIR", str(tmp_path))
     args = {"--model": str(tiny_folder), "--prompt": "hello", "--max-new-tokens": "5", "--device": "cpu"}
     args |= dict(zip(extra[::2], extra[1::2]))
-    result = run_cli(*[x for pair in args.items() for x in pair], cache_dir=tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert sdfp.main([x for pair in args.items() for x in pair]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
 
 
 def test_load_model_maps_hub_errors(monkeypatch):
@@ -732,3 +733,29 @@ def test_cli_export_draft(tiny_folder, tmp_path):
     again = run_cli(*args, cache_dir=tmp_path)
     assert again.returncode == 2 and "--force" in again.stderr
     assert run_cli(*args, "--force", cache_dir=tmp_path).returncode == 0
+
+
+# -----------------------------------------------------------------------------
+# The tutorial notebook runs top to bottom
+
+
+def shared_notebook_model():
+    for name in ("layerdrop16L", "mixed12L", "stories260K"):
+        if (SHARED / "models" / name).is_dir():
+            return f"../shared/models/{name}"
+    return None
+
+
+@pytest.mark.skipif(shared_notebook_model() is None, reason=f"{SHARED / 'models'} is absent; the tutorial needs a local model")
+def test_tutorial_notebook_executes(tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat", reason="nbformat is in requirements.txt")
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(HERE / "tutorial.ipynb", as_version=4)
+    monkeypatch.setenv("SDFP_MODEL", shared_notebook_model())  # the kernel inherits the environment
+    monkeypatch.setenv("SDFP_CACHE_DIR", str(tmp_path))
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+    errors = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
+    assert not errors
+    images = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 6  # every section's picture was drawn
