@@ -329,7 +329,7 @@ def rankings(args, model_path: str) -> list[dict]:
             "FIT (element-wise Σ F θ²)": lowest(table.scores("elementwise"), k),
             "Block Influence (ShortGPT)": lowest(bi, k),
             "last k before the final layer": list(range(num_layers - 1 - k, num_layers - 1)),
-            "every other layer": list(range(num_layers - 2, 0, -2))[:k],
+            "every other layer": sorted(range(num_layers - 1, 0, -2)[:k]),  # odd layers, from the top
         }
         for seed in range(3):
             choices[f"random (seed {seed})"] = sorted(random.Random(seed).sample(range(num_layers), k))
@@ -390,8 +390,7 @@ def main(argv=None) -> int:
     rows = []
     for model_path in args.model:
         rows += rankings(args, model_path) if args.rankings else benchmark_model(args, model_path)
-        print(rankings_markdown(rows) if args.rankings else markdown(rows), flush=True)
-        print()
+    print(rankings_markdown(rows) if args.rankings else markdown(rows), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(machine=machine, argv=sys.argv, rows=rows), indent=1))
     return 0

@@ -516,7 +516,7 @@ class GenerationStats:
 
     @property
     def acceptance_rate(self) -> float:
-        """α: the fraction of drafted tokens the target accepted."""
+        """The fraction of drafted tokens the target accepted (accepted / drafted)."""
         return self.accepted / self.drafted if self.drafted else 0.0
 
     @property
@@ -539,7 +539,7 @@ class GenerationStats:
         line = f"{self.new_tokens} tokens in {self.seconds:.2f} s ({self.tokens_per_second:.1f} tok/s)"
         if self.drafted:
             line += (
-                f" | drafted {self.drafted}, accepted {self.accepted} (α = {self.acceptance_rate:.2f})"
+                f" | drafted {self.drafted}, accepted {self.accepted} (acceptance rate {self.acceptance_rate:.2f})"
                 f" | {self.mean_accepted_length:.2f} tokens per target forward"
             )
         return line
@@ -650,16 +650,17 @@ def autoregressive_generate(
 # The paper fixes the pruning ratio by hand. With three measured numbers the best choice
 # follows from the closed form of Leviathan et al. (their Thm 1 and Eq. 1):
 #   α  the per-token acceptance probability E[sum_x min(p(x), q(x))]
-#   c  the cost of one draft forward relative to one full single-token forward
-#   V  the cost of verifying γ+1 tokens in one forward, relative to the same
+#   c  the cost of drafting one token, relative to one plain decoding step (a single-token
+#      forward of the full model, plus sampling)
+#   V  the cost of verifying γ+1 tokens in one forward, relative to the same step
 # A step drafts γ tokens (cost γc), verifies them (cost V) and yields on average
 # 1 + α + ... + α^γ = (1 - α^(γ+1)) / (1 - α) tokens, so the expected speedup is
 #
 #     S(k, γ) = (1 - α_k^(γ+1)) / ((1 - α_k) (γ c_k + V_γ))
 #
-# for the draft that skips the k lowest-FIT layers. α_k is measured teacher-forced on
-# calibration text (one target and one draft forward over the same tokens), c_k and V_γ
-# by timing forwards on this machine. We pick the (k, γ) with the largest S; when even
+# for the draft that skips the k lowest-FIT layers. α_k is measured teacher-forced (one
+# target and one draft forward over the same tokens) on a continuation the model writes of
+# the calibration text, c_k and V_γ by timing the loop's own draft and verify here. We pick the (k, γ) with the largest S; when even
 # that is below `min_speedup`, speculation does not pay here and we decode plainly.
 
 
@@ -670,14 +671,14 @@ def expected_speedup(alpha: float, draft_len: int, cost_ratio: float, verify_cos
 
 
 @torch.inference_mode()
-def teacher_forced_acceptance(model: nn.Module, input_ids: torch.Tensor, skip_layers: Sequence[int], sampling: Sampling) -> float:
-    """α = mean over positions of sum_x min(p(x), q(x)) on a given text (1, T).
+def teacher_forced_acceptance(model: nn.Module, input_ids: torch.Tensor, skip_layers: Sequence[int], sampling: Sampling, first: int = 0) -> float:
+    """α = mean over positions t >= first of sum_x min(p_t(x), q_t(x)), on a given text (1, T).
 
     Under greedy decoding (one-hot p and q) this is the draft's argmax agreement.
     """
-    p_target = sampling_probs(model(input_ids=input_ids).logits[0], sampling)  # (T, V)
+    p_target = sampling_probs(model(input_ids=input_ids).logits[0, first:], sampling)  # (T - first, V)
     with layer_skip(model, skip_layers):
-        q_draft = sampling_probs(model(input_ids=input_ids).logits[0], sampling)
+        q_draft = sampling_probs(model(input_ids=input_ids).logits[0, first:], sampling)
     return torch.minimum(p_target, q_draft).sum(-1).mean().item()
 
 
@@ -771,25 +772,37 @@ def plan_draft(
     texts: Sequence[str] | None = None,
     draft_lens: Sequence[int] = tuple(range(1, 9)),
     min_speedup: float = 1.05,
-    seq_len: int = 256,
+    prompt_len: int = 32,
+    new_tokens: int = 64,
+    timing_context: int = 256,
 ) -> DraftPlan:
     """Pick the number of lowest-FIT layers to skip and γ that maximise the expected speedup S."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     num_layers = len(fit)
-    context = getattr(model.config.get_text_config(), "max_position_embeddings", seq_len)
-    seq_len = min(seq_len, context - max(draft_lens) - 1)
-    input_ids = calibration_batches(tokenizer, texts, seq_len, 1)[0].to(device)  # (1, seq_len)
+    # α is measured on text the model writes itself, as in decoding: on human text a weak
+    # draft agrees with the target more often than on the target's own continuations.
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", 4096)
+    new_tokens = max(1, min(new_tokens, context - prompt_len - max(draft_lens) - 1))
+    prompt = calibration_batches(tokenizer, texts, prompt_len, 1)[0].to(device)  # (1, prompt_len)
+    continuation, _ = autoregressive_generate(
+        model, prompt, max_new_tokens=new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+        top_p=sampling.top_p, generator=torch.Generator(device).manual_seed(0),
+    )  # fmt: skip
+    input_ids = torch.cat([prompt, continuation.to(device)[None]], dim=1)
 
+    # time draft and verify on top of a context of a few hundred tokens, as in use: the
+    # attention part of a forward, and so V, grows with the context
+    timing_len = max(1, min(timing_context, context - max(draft_lens) - 2))
     cache = new_cache(model)
     with torch.inference_mode():
-        model(input_ids=input_ids[:, : seq_len // 2], cache=cache, use_cache=True)  # a typical context
+        model(input_ids=calibration_batches(tokenizer, texts, timing_len, 1)[0].to(device), cache=cache, use_cache=True)
     cost_ratio, verify_cost = measure_costs(model, cache, draft_lens, sampling)
 
     candidates = []
     for k in range(1, num_layers):
         skip = select_skipped_layers(fit, k / num_layers)
-        alpha = teacher_forced_acceptance(model, input_ids, skip, sampling)
+        alpha = teacher_forced_acceptance(model, input_ids, skip, sampling, first=prompt_len - 1)
         c = cost_ratio(num_layers - len(skip))
         speedup, gamma = max((expected_speedup(alpha, g, c, verify_cost(g)), g) for g in draft_lens)
         candidates.append(dict(k=len(skip), skip_layers=skip, alpha=alpha, cost_ratio=c, draft_len=gamma, speedup=speedup))

@@ -664,8 +664,10 @@ def test_load_model_maps_hub_errors(monkeypatch):
     from huggingface_hub.errors import RepositoryNotFoundError
     import transformers
 
-    def missing(*args, **kwargs):
-        raise RepositoryNotFoundError("404", response=None)
+    import httpx2
+
+    def missing(*args, **kwargs):  # what the hub answers for a name it does not know
+        raise RepositoryNotFoundError("404", response=httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co")))
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", missing)
     with pytest.raises(sdfp.UserError, match="no model"):
