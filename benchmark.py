@@ -347,17 +347,14 @@ def rankings(args, model_path: str) -> list[dict]:
 
 def rankings_markdown(rows: list[dict]) -> str:
     lines = ["| model | k | ranking | skipped layers | α teacher-forced | α decoding | τ | speedup |", "|---|---|---|---|---|---|---|---|"]
-    by_key = {}
+    line = "| {model} | {k} | {ranking} | {skip} | {alpha_teacher_forced:.2f} | {alpha:.2f} | {tau:.2f} | {speedup:.2f}x |"
     for r in rows:
-        if r["ranking"].startswith("random"):
-            by_key.setdefault((r["model"], r["k"]), []).append(r)
-            continue
-        lines.append(f"| {r['model']} | {r['k']} | {r['ranking']} | {r['skip_layers']} | {r['alpha_teacher_forced']:.2f} | {r['alpha']:.2f} | {r['tau']:.2f} | {r['speedup']:.2f}x |")
-        if r["ranking"] == "every other layer":  # random sets right after the fixed rankings
-            rnd = by_key.get((r["model"], r["k"]), [])
-            mean = lambda key: sum(x[key] for x in rnd) / len(rnd)  # noqa: E731
-            if rnd:
-                lines.append(f"| {r['model']} | {r['k']} | random (mean of 3 seeds) | – | {mean('alpha_teacher_forced'):.2f} | {mean('alpha'):.2f} | {mean('tau'):.2f} | {mean('speedup'):.2f}x |")
+        if not r["ranking"].startswith("random"):
+            lines.append(line.format(**r, skip=r["skip_layers"]))
+        elif r["ranking"].endswith("(seed 0)"):  # the random sets as one row: the mean of the seeds
+            seeds = [x for x in rows if x["model"] == r["model"] and x["k"] == r["k"] and x["ranking"].startswith("random")]
+            mean = {key: sum(x[key] for x in seeds) / len(seeds) for key in ("alpha_teacher_forced", "alpha", "tau", "speedup")}
+            lines.append(line.format(model=r["model"], k=r["k"], ranking=f"random (mean of {len(seeds)} seeds)", skip="–", **mean))
     return "\n".join(lines)
 
 
