@@ -177,7 +177,6 @@ def run_side_by_side(model, tokenizer, prompts, methods, *, max_new_tokens, samp
     eos = tokenizer.eos_token_id
     for name, method in methods.items():  # warm-up
         method(model, encoded[0], 8, eos, sampling, torch.Generator(model.device).manual_seed(seed))
-    reference = None
     for i, input_ids in enumerate(tqdm(encoded, desc=desc, unit="prompt", leave=False)):
         budget = min(max_new_tokens, context - input_ids.shape[1])
         order = list(methods.items())

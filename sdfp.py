@@ -701,7 +701,7 @@ def median_seconds(calls: Sequence[Callable[[], object]], device: torch.device, 
 
 def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
     """Least-squares (intercept, slope) of y = a + b x."""
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-12)
     return my - slope * mx, slope
 
@@ -751,12 +751,13 @@ class DraftPlan:
     verify_cost: float
     seconds: float  # how long planning took
     candidates: list[dict]  # per number of skipped layers k: α, c, best γ, S
+    min_speedup: float  # below this predicted speedup we decode plainly
 
     def summary(self) -> str:
         if self.draft_len == 0:
             best = max(self.candidates, key=lambda row: row["speedup"], default=None)
             why = f"the best draft (k = {best['k']}, γ = {best['draft_len']}) predicts {best['speedup']:.2f}x" if best else "no draft fits"
-            return f"decoding plainly: {why}, below the 1.05x worth speculating for (planned in {self.seconds:.1f} s)"
+            return f"decoding plainly: {why}, below the {self.min_speedup:.2f}x worth speculating for (planned in {self.seconds:.1f} s)"
         return (
             f"skip {len(self.skip_layers)} layers, γ = {self.draft_len}: α = {self.alpha:.2f}, c = {self.cost_ratio:.2f}, "
             f"V = {self.verify_cost:.2f}, predicted speedup {self.predicted_speedup:.2f}x (planned in {self.seconds:.1f} s)"
@@ -810,8 +811,8 @@ def plan_draft(
     best = max(candidates, key=lambda row: row["speedup"], default=None)
     seconds = time.perf_counter() - t0
     if best is None or best["speedup"] < min_speedup:
-        return DraftPlan([], 0, 1.0, 0.0, 0.0, 1.0, seconds, candidates)
-    return DraftPlan(best["skip_layers"], best["draft_len"], best["speedup"], best["alpha"], best["cost_ratio"], verify_cost(best["draft_len"]), seconds, candidates)
+        return DraftPlan([], 0, 1.0, 0.0, 0.0, 1.0, seconds, candidates, min_speedup)
+    return DraftPlan(best["skip_layers"], best["draft_len"], best["speedup"], best["alpha"], best["cost_ratio"], verify_cost(best["draft_len"]), seconds, candidates, min_speedup)
 
 
 # -----------------------------------------------------------------------------
