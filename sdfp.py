@@ -42,6 +42,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -281,8 +282,10 @@ def layer_skip(model: nn.Module, skip_layers: Sequence[int], cache=None) -> Iter
     saved_config = {"num_hidden_layers": config.num_hidden_layers}
     if getattr(config, "layer_types", None) is not None:  # e.g. Qwen2: "full_attention" / "sliding_attention"
         saved_config["layer_types"] = config.layer_types
-    # every module of a kept layer that addresses the cache by `layer_idx`, with its old and new number
-    renumber = [(m, m.layer_idx, j) for j, l in enumerate(kept) for m in layers[l].modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    # every module of a kept layer that addresses the cache by `layer_idx`, with its old and new
+    # number (read from vars(): getattr on an nn.Module without the attribute is slow, and this
+    # runs once per speculative step)
+    renumber = [(m, vars(m)["layer_idx"], j) for j, l in enumerate(kept) for m in layers[l].modules() if isinstance(vars(m).get("layer_idx"), int)]
     try:
         setattr(parent, attr, nn.ModuleList([layers[l] for l in kept]))  # the same modules, no copies
         for module, _, new_index in renumber:
@@ -514,6 +517,18 @@ class GenerationStats:
     draft_forwards: int = 0
     seconds: float = 0.0
 
+    def record(self, step: "StepResult") -> None:
+        """Count one decoding step (one target forward and its draft)."""
+        self.target_forwards += 1
+        self.draft_forwards += step.drafted
+        self.drafted += step.drafted
+        self.accepted += step.accepted
+        self.rejections += step.accepted < step.drafted
+
+    def __add__(self, other: "GenerationStats") -> "GenerationStats":
+        """Totals over several generations: every count and the seconds add up."""
+        return GenerationStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)})
+
     @property
     def acceptance_rate(self) -> float:
         """The fraction of drafted tokens the target accepted (accepted / drafted)."""
@@ -545,6 +560,14 @@ class GenerationStats:
         return line
 
 
+def clock(device: torch.device) -> float:
+    """time.perf_counter() once `device` has finished its queued work: CUDA kernels run
+    asynchronously, so without the synchronize a timer would stop before the GPU does."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @torch.inference_mode()
 def _generate(
     model: nn.Module,
@@ -565,7 +588,7 @@ def _generate(
     input_ids = input_ids.to(device)
     stats = GenerationStats()
     new_tokens: list[int] = []
-    t0 = time.perf_counter()
+    t0 = clock(device)
 
     cache = new_cache(model)
     if input_ids.shape[1] > 1:  # prefill: every prompt token but the last goes into the cache
@@ -576,11 +599,7 @@ def _generate(
         # never draft past the budget: a step emits at most n_draft + 1 tokens
         n_draft = min(draft_len, max_new_tokens - len(new_tokens) - 1)
         step = speculative_step(model, cache, last_token, skip_layers, n_draft, sampling, generator)
-        stats.target_forwards += 1
-        stats.draft_forwards += step.drafted
-        stats.drafted += step.drafted
-        stats.accepted += step.accepted
-        stats.rejections += step.accepted < step.drafted
+        stats.record(step)
         tokens = step.tokens
         stop = next((i for i, t in enumerate(tokens) if t in eos), None)
         if stop is not None:  # EOS, drafted or sampled, ends generation right there
@@ -592,9 +611,7 @@ def _generate(
             break
         last_token = torch.tensor([[tokens[-1]]], device=device)
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    stats.seconds = time.perf_counter() - t0
+    stats.seconds = clock(device) - t0
     stats.new_tokens = len(new_tokens)
     return torch.tensor(new_tokens, dtype=torch.long), stats
 
@@ -659,9 +676,10 @@ def autoregressive_generate(
 #     S(k, γ) = (1 - α_k^(γ+1)) / ((1 - α_k) (γ c_k + V_γ))
 #
 # for the draft that skips the k lowest-FIT layers. α_k is measured teacher-forced (one
-# target and one draft forward over the same tokens) on a continuation the model writes of
-# the calibration text, c_k and V_γ by timing the loop's own draft and verify here. We pick the (k, γ) with the largest S; when even
-# that is below `min_speedup`, speculation does not pay here and we decode plainly.
+# target and one draft forward over the same tokens) on continuations the model writes of
+# the calibration text, c_k and V_γ by timing the loop's own draft and verify here. We
+# pick the (k, γ) with the largest S; when even that is below `min_speedup`, speculation
+# does not pay here and we decode plainly.
 
 
 def expected_speedup(alpha: float, draft_len: int, cost_ratio: float, verify_cost: float) -> float:
@@ -671,32 +689,60 @@ def expected_speedup(alpha: float, draft_len: int, cost_ratio: float, verify_cos
 
 
 @torch.inference_mode()
-def teacher_forced_acceptance(model: nn.Module, input_ids: torch.Tensor, skip_layers: Sequence[int], sampling: Sampling, first: int = 0) -> float:
-    """α = mean over positions t >= first of sum_x min(p_t(x), q_t(x)), on a given text (1, T).
-
-    Under greedy decoding (one-hot p and q) this is the draft's argmax agreement.
-    """
-    p_target = sampling_probs(model(input_ids=input_ids).logits[0, first:], sampling)  # (T - first, V)
+def teacher_forced_probs(model: nn.Module, input_ids: torch.Tensor, skip_layers: Sequence[int], sampling: Sampling, first: int = 0) -> torch.Tensor:
+    """(B, T) texts -> (B, T - first, V): the processed next-token distribution at every
+    position t >= first, of the model without `skip_layers` ([]: the target's p)."""
     with layer_skip(model, skip_layers):
-        q_draft = sampling_probs(model(input_ids=input_ids).logits[0, first:], sampling)
+        return sampling_probs(model(input_ids=input_ids).logits[:, first:], sampling)
+
+
+def expected_acceptance(p_target: torch.Tensor, q_draft: torch.Tensor) -> float:
+    """α = mean over positions of sum_x min(p(x), q(x)): the chance that a token drawn from q
+    is accepted (Leviathan et al., Def. 3.1). Under greedy decoding (one-hot p and q) it is
+    the draft's argmax agreement."""
     return torch.minimum(p_target, q_draft).sum(-1).mean().item()
 
 
-def median_seconds(calls: Sequence[Callable[[], object]], device: torch.device, rounds: int = 7) -> list[float]:
-    """Median wall time of each call, timed in interleaved rounds (round 0 warms up), so a
-    burst of load on a shared machine hits all of them alike rather than one."""
-    times = [[] for _ in calls]
+def teacher_forced_acceptance(model: nn.Module, input_ids: torch.Tensor, skip_layers: Sequence[int], sampling: Sampling, first: int = 0) -> float:
+    """α of the draft without `skip_layers`, teacher-forced on given texts (B, T) at positions >= first."""
+    p_target = teacher_forced_probs(model, input_ids, [], sampling, first)
+    return expected_acceptance(p_target, teacher_forced_probs(model, input_ids, skip_layers, sampling, first))
+
+
+@torch.inference_mode()
+def sample_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: int, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, T) prompts -> (B, T + new_tokens): text the model writes itself, B sequences in
+    one batch (a plain sampling loop; `autoregressive_generate` decodes one sequence at a
+    time, which would make planning B times slower)."""
+    cache = new_cache(model)
+    ids, step_input = prompts, prompts
+    for _ in range(new_tokens):
+        logits = model(input_ids=step_input, cache=cache, use_cache=True).logits[:, -1]  # (B, V)
+        step_input = sample(sampling_probs(logits, sampling), generator).unsqueeze(-1)  # (B, 1)
+        ids = torch.cat([ids, step_input], dim=1)
+    return ids
+
+
+def fastest_seconds(calls: Sequence[Callable[[], object]], device: torch.device, rounds: int = 9) -> list[float]:
+    """The fastest wall time of each call over interleaved rounds (round 0 warms up).
+
+    Load from other processes on a shared machine only ever adds time, so the fastest round
+    is the steadiest estimate of what a call costs. Every round runs the calls in a fresh
+    random order (a local, seeded RNG): on our shared 2-core machine load came in a rhythm,
+    and in a fixed order it hit the same call in every round (the plain step once came out
+    1.3x slower than verifying six tokens, which is more work).
+    """
+    times = [math.inf] * len(calls)
+    order = list(range(len(calls)))
+    shuffle = random.Random(0).shuffle
     for round_ in range(rounds + 1):
-        for i, call in enumerate(calls):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            call()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+        shuffle(order)
+        for i in order:
+            t0 = clock(device)
+            calls[i]()
             if round_ > 0:
-                times[i].append(time.perf_counter() - t0)
-    return [sorted(t)[len(t) // 2] for t in times]
+                times[i] = min(times[i], clock(device) - t0)
+    return times
 
 
 def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
@@ -707,15 +753,23 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
 
 
 @torch.inference_mode()
-def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: Sampling, rounds: int = 7) -> tuple[Callable[[int], float], Callable[[int], float]]:
+def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: Sampling, rounds: int = 9) -> tuple[Callable[[int], float], Callable[[int], float]]:
     """Cost models on this machine, relative to one plain decoding step (a single-token
     forward plus sampling): c(K) for one draft token from K of the L layers, and V(γ) for
     verifying γ+1 tokens in one forward.
 
+    c is timed on one-token drafts, so it includes entering and leaving the draft
+    (`layer_skip`, the rollback: ~1 ms, ~4% of a step on echo24L), which a γ-token draft
+    pays once: for γ > 1 the prediction is slightly pessimistic. (Splitting that part off
+    from a second timing made c too noisy to trust on a shared machine.)
+
     We time the decoding loop's own `draft` and `verify`, so their overheads (sampling, cache
     rollback) are counted, on a few shapes, and fit a line through them: a forward costs an
     overhead plus a per-layer (or per-token) part, and the line is steadier than timing every
-    candidate once.
+    candidate once. The plain step itself is timed, not read off the verify line: a forward
+    over several tokens takes other kernels (and a causal mask) than a single-token one, so
+    V jumps from 1 at γ = 0 to ~1.2 at γ = 1 on a CPU and then grows slowly; a line through
+    γ = 0 would hide that jump and make long drafts look cheaper than they are.
     """
     num_layers = num_decoder_layers(model)
     device = next(model.parameters()).device
@@ -733,12 +787,14 @@ def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: 
         return call
 
     kept_counts = sorted({1, max(1, num_layers // 4), max(1, num_layers // 2), max(1, 3 * num_layers // 4), num_layers})
-    gammas = sorted({0, 1} | set(draft_lens))
-    times = median_seconds([draft_call(k) for k in kept_counts] + [verify_call(g) for g in gammas], device, rounds)
+    gammas = sorted({1, 2} | set(draft_lens))
+    calls = [verify_call(0)] + [draft_call(k) for k in kept_counts] + [verify_call(g) for g in gammas]
+    plain_step, *times = fastest_seconds(calls, device, rounds)
     draft_a, draft_b = fit_line(kept_counts, times[: len(kept_counts)])
     verify_a, verify_b = fit_line(gammas, times[len(kept_counts) :])
-    plain_step = verify_a  # verifying 0 drafted tokens is one plain decoding step
-    return (lambda kept: (draft_a + draft_b * kept) / plain_step), (lambda gamma: (verify_a + verify_b * gamma) / plain_step)
+    # Verifying γ+1 tokens is more work than one plain step, so V >= 1; a fit below 1 is noise
+    # (it was 0.93 once on mixed12L), and it would flatter short drafts.
+    return (lambda kept: (draft_a + draft_b * kept) / plain_step), (lambda gamma: max(1.0, (verify_a + verify_b * gamma) / plain_step) if gamma else 1.0)
 
 
 @dataclasses.dataclass
@@ -750,7 +806,7 @@ class DraftPlan:
     cost_ratio: float
     verify_cost: float
     seconds: float  # how long planning took
-    candidates: list[dict]  # per number of skipped layers k: α, c, best γ, S
+    candidates: list[dict]  # per number of skipped layers k: α, c, the best γ, its V and S
     min_speedup: float  # below this predicted speedup we decode plainly
 
     def summary(self) -> str:
@@ -773,6 +829,7 @@ def plan_draft(
     texts: Sequence[str] | None = None,
     draft_lens: Sequence[int] = tuple(range(1, 9)),
     min_speedup: float = 1.05,
+    num_prompts: int = 4,
     prompt_len: int = 32,
     new_tokens: int = 64,
     timing_context: int = 256,
@@ -781,16 +838,13 @@ def plan_draft(
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     num_layers = len(fit)
-    # α is measured on text the model writes itself, as in decoding: on human text a weak
-    # draft agrees with the target more often than on the target's own continuations.
+    # α is measured on text the model writes itself, as in decoding, continuing a few
+    # calibration snippets: one 64-token continuation alone gave α anywhere from 0.83 to
+    # 0.94 for the same draft on echo24L, four of them average that out.
     context = getattr(model.config.get_text_config(), "max_position_embeddings", 4096)
     new_tokens = max(1, min(new_tokens, context - prompt_len - max(draft_lens) - 1))
-    prompt = calibration_batches(tokenizer, texts, prompt_len, 1)[0].to(device)  # (1, prompt_len)
-    continuation, _ = autoregressive_generate(
-        model, prompt, max_new_tokens=new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
-        top_p=sampling.top_p, generator=torch.Generator(device).manual_seed(0),
-    )  # fmt: skip
-    input_ids = torch.cat([prompt, continuation.to(device)[None]], dim=1)
+    prompts = torch.cat(calibration_batches(tokenizer, texts, prompt_len, num_prompts)).to(device)  # (B, prompt_len)
+    input_ids = sample_continuations(model, prompts, new_tokens, sampling, torch.Generator(device).manual_seed(0))
 
     # time draft and verify on top of a context of a few hundred tokens, as in use: the
     # attention part of a forward, and so V, grows with the context
@@ -801,18 +855,19 @@ def plan_draft(
     cost_ratio, verify_cost = measure_costs(model, cache, draft_lens, sampling)
 
     candidates = []
+    p_target = teacher_forced_probs(model, input_ids, [], sampling, first=prompt_len - 1)  # (B, new_tokens + 1, V)
     for k in range(1, num_layers):
         skip = select_skipped_layers(fit, k / num_layers)
-        alpha = teacher_forced_acceptance(model, input_ids, skip, sampling, first=prompt_len - 1)
+        alpha = expected_acceptance(p_target, teacher_forced_probs(model, input_ids, skip, sampling, first=prompt_len - 1))
         c = cost_ratio(num_layers - len(skip))
         speedup, gamma = max((expected_speedup(alpha, g, c, verify_cost(g)), g) for g in draft_lens)
-        candidates.append(dict(k=len(skip), skip_layers=skip, alpha=alpha, cost_ratio=c, draft_len=gamma, speedup=speedup))
+        candidates.append(dict(k=len(skip), skip_layers=skip, alpha=alpha, cost_ratio=c, draft_len=gamma, verify_cost=verify_cost(gamma), speedup=speedup))
 
     best = max(candidates, key=lambda row: row["speedup"], default=None)
     seconds = time.perf_counter() - t0
     if best is None or best["speedup"] < min_speedup:
         return DraftPlan([], 0, 1.0, 0.0, 0.0, 1.0, seconds, candidates, min_speedup)
-    return DraftPlan(best["skip_layers"], best["draft_len"], best["speedup"], best["alpha"], best["cost_ratio"], verify_cost(best["draft_len"]), seconds, candidates, min_speedup)
+    return DraftPlan(best["skip_layers"], best["draft_len"], best["speedup"], best["alpha"], best["cost_ratio"], best["verify_cost"], seconds, candidates, min_speedup)
 
 
 # -----------------------------------------------------------------------------
@@ -945,7 +1000,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="auto: float32 on CPU, bfloat16 on GPU")
-    ap.add_argument("--calib", default=None, help="calibration text file for FIT (default: the built-in text)")
+    ap.add_argument("--calib", default=None, help="calibration text file for FIT and the automatic draft choice (default: the built-in text)")
     ap.add_argument("--compare", action="store_true", help="also run plain decoding and report the speedup")
     ap.add_argument("--export-draft", default=None, metavar="DIR", help="write the draft as a Hugging Face checkpoint")
     ap.add_argument("--force", action="store_true", help="let --export-draft overwrite a non-empty folder")

@@ -510,13 +510,21 @@ class CharTokenizer:
         return {"input_ids": [ord(c) % self.vocab for c in text]}
 
 
-def test_fit_identity_layer_scores_zero_and_is_skipped_first():
+def model_with_identity_layers(layers: int, identity: tuple[int, ...]):
+    """A tiny float64 Llama whose layers in `identity` add nothing to the residual stream
+    (their output projections are zero): planted redundancy that FIT must find."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", layers=5)).double().eval()
-    layer = sdfp.decoder_layer_list(model)[2][2]
-    with torch.no_grad():  # output projections zero: the layer adds nothing to the residual stream
-        layer.self_attn.o_proj.weight.zero_()
-        layer.mlp.down_proj.weight.zero_()
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", layers=layers)).double().eval()
+    with torch.no_grad():
+        for l in identity:
+            layer = sdfp.decoder_layer_list(model)[2][l]
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return model
+
+
+def test_fit_identity_layer_scores_zero_and_is_skipped_first():
+    model = model_with_identity_layers(5, identity=(2,))
     model.lm_head.weight.grad = torch.ones_like(model.lm_head.weight)  # a stale grad must survive
     model.train()
     before = snapshot(model)
@@ -557,6 +565,66 @@ def test_fit_matches_the_formula_computed_directly():
     assert table.scores("elementwise")[1] == pytest.approx(expected_elementwise.item(), rel=1e-5)
 
 
+# -----------------------------------------------------------------------------
+# Choosing the draft automatically
+
+
+def test_teacher_forced_acceptance_is_the_expected_acceptance_of_the_draft():
+    model = tiny_model("llama", layers=4)
+    ids = torch.randint(12, (2, 20), generator=torch.Generator().manual_seed(0))  # two texts at once
+    skip = [1, 2]
+    with torch.no_grad():
+        target_logits = model(input_ids=ids).logits
+        with sdfp.layer_skip(model, skip):
+            draft_logits = model(input_ids=ids).logits
+    greedy = sdfp.Sampling()
+    assert sdfp.teacher_forced_acceptance(model, ids, [], greedy) == 1.0  # the target agrees with itself
+    agreement = (target_logits.argmax(-1) == draft_logits.argmax(-1)).double().mean().item()
+    assert 0 < agreement < 1
+    assert sdfp.teacher_forced_acceptance(model, ids, skip, greedy) == pytest.approx(agreement)
+    # with sampling: E_x~q[min(1, p(x)/q(x))] = sum_x min(p(x), q(x)), from position `first` on
+    warm = sdfp.Sampling(temperature=0.7)
+    p_target, q_draft = (target_logits[:, 5:] / 0.7).softmax(-1), (draft_logits[:, 5:] / 0.7).softmax(-1)
+    expected = torch.minimum(p_target, q_draft).sum(-1).mean().item()
+    assert sdfp.teacher_forced_acceptance(model, ids, skip, warm, first=5) == pytest.approx(expected, rel=1e-6)
+
+
+def test_expected_speedup_closed_form():
+    # α = 0: every step yields one token and costs γc + V
+    assert sdfp.expected_speedup(0.0, 3, 0.5, 1.2) == pytest.approx(1 / (3 * 0.5 + 1.2))
+    # α = 1: γ + 1 tokens per step
+    assert sdfp.expected_speedup(1.0, 3, 0.5, 1.2) == pytest.approx(4 / 2.7)
+    # in between: the sum 1 + α + ... + α^γ, checked against the series
+    alpha = 0.8
+    assert sdfp.expected_speedup(alpha, 4, 0.3, 1.1) == pytest.approx(sum(alpha**i for i in range(5)) / (4 * 0.3 + 1.1))
+
+
+def test_plan_draft_skips_planted_identity_layers_and_declines_when_speculation_does_not_pay():
+    model = model_with_identity_layers(6, identity=(1, 3, 4))
+    tokenizer = CharTokenizer(12)
+    fit = sdfp.fit_scores(model, tokenizer, seq_len=32, max_sequences=4, progress=False)
+    settings = dict(draft_lens=(1, 2, 4), prompt_len=8, new_tokens=16, timing_context=32)
+    before = snapshot(model)
+    plan = sdfp.plan_draft(model, tokenizer, fit, min_speedup=0.0, **settings)
+    assert_unchanged(model, before)
+    rows = plan.candidates
+    assert [row["k"] for row in rows] == [1, 2, 3, 4, 5]
+    assert rows[2]["skip_layers"] == [1, 3, 4]
+    for row in rows[:3]:  # only identity layers skipped: the draft is the target
+        assert row["alpha"] == pytest.approx(1.0)
+    assert rows[3]["alpha"] < 1.0
+    for row in rows:  # each row holds the best γ for its k, by the closed form
+        assert row["draft_len"] in settings["draft_lens"]
+        assert row["speedup"] == pytest.approx(sdfp.expected_speedup(row["alpha"], row["draft_len"], row["cost_ratio"], row["verify_cost"]))
+    best = max(rows, key=lambda row: row["speedup"])
+    assert (plan.skip_layers, plan.draft_len, plan.predicted_speedup) == (best["skip_layers"], best["draft_len"], best["speedup"])
+    assert plan.draft_len > 0 and "predicted speedup" in plan.summary()
+    # an unreachable threshold: decode plainly, and say so
+    plain = sdfp.plan_draft(model, tokenizer, fit, min_speedup=1e6, **settings)
+    assert (plain.skip_layers, plain.draft_len) == ([], 0)
+    assert "decoding plainly" in plain.summary() and "1000000.00x" in plain.summary()
+
+
 def test_builtin_calibration_text_is_long_enough():
     # >= 1,000 tokens under any reasonable tokenizer: check words as a lower bound
     assert len(sdfp.CALIBRATION_TEXT.split()) >= 1000
@@ -581,6 +649,32 @@ def test_real_model_greedy_identity_and_acceptance():
     assert torch.equal(plain, spec)
     assert stats.acceptance_rate > 0.1
     assert "Lily" in tokenizer.decode(plain) or len(plain) == 80
+
+
+@pytest.mark.skipif(not (STORIES.is_dir() and (SHARED / "data" / "tinystories").is_dir()), reason=f"{SHARED} is absent (the shared models and data); skipping the benchmark test")
+def test_benchmark_runs_both_methods_side_by_side_and_reports_the_closed_form(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--model", str(STORIES), "--task", "tinystories", "--n", "2", "--max-new-tokens", "24", "--prune-ratio", "0.2",
+            "--draft-len", "3", "--repeats", "2", "--device", "cpu", "--json", str(out)]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", SDFP_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, str(HERE / "benchmark.py"), *args], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "differs from" not in result.stderr
+    assert "| model | task | method | tok/s | speedup |" in result.stdout
+    rows = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
+    plain, spec = rows["plain"], rows["sdfp"]
+    assert plain["speedup"] == 1.0 and plain["tokens"] == spec["tokens"] > 0
+    assert (spec["skipped"], spec["draft_len"]) == (1, 3) and rows["draft choice (fixed)"]["skip_layers"] == lowest_fit_layer(STORIES)
+    assert 0.0 <= spec["alpha"] <= 1.0 and 1.0 <= spec["tau"] <= 4.0
+    assert spec["predicted"] == pytest.approx(sdfp.expected_speedup(spec["alpha"], 3, spec["c"], spec["V"]))
+    assert spec["efficiency"] == pytest.approx(spec["speedup"] / spec["predicted"])
+    assert spec["speedup"] == pytest.approx(spec["tok_s"] / plain["tok_s"])  # the same tokens in less time
+
+
+def lowest_fit_layer(model_path):
+    """[the lowest-FIT layer]: what --prune-ratio 0.2 skips of 5 layers."""
+    model, tokenizer = sdfp.load_model(str(model_path))
+    return sdfp.select_skipped_layers(sdfp.fit_scores(model, tokenizer, progress=False), 0.2)
 
 
 # -----------------------------------------------------------------------------
