@@ -325,6 +325,7 @@ def rankings(args, model_path: str) -> list[dict]:
     lowest = lambda scores, k: sorted(sorted(range(num_layers), key=lambda l: (scores[l], l))[:k])  # noqa: E731
     prompts = tinystories_prompts(tokenizer, args.n, model.config.max_position_embeddings - args.max_new_tokens)
     sampling = sdfp.Sampling(args.temperature, args.top_k, args.top_p)
+    p_target = sdfp.teacher_forced_probs(model, held_out, [], sampling)  # once: every ranking is compared with it
     rows = []
     ks = sorted({max(1, num_layers // 4), max(1, num_layers // 2)} | ({11} if num_layers == 24 else set()))
     for k in ks:
@@ -344,7 +345,7 @@ def rankings(args, model_path: str) -> list[dict]:
         for label, skip in choices.items():
             stats = totals[label]
             rows.append(dict(model=name, k=k, ranking=label, skip_layers=skip,
-                             alpha_teacher_forced=sdfp.teacher_forced_acceptance(model, held_out, skip, sampling),
+                             alpha_teacher_forced=sdfp.expected_acceptance(p_target, sdfp.teacher_forced_probs(model, held_out, skip, sampling)),
                              alpha=stats.token_acceptance, tau=stats.mean_accepted_length,
                              speedup=plain.seconds / stats.seconds * stats.new_tokens / plain.new_tokens))  # fmt: skip
     return rows
