@@ -599,6 +599,33 @@ def test_expected_speedup_closed_form():
     assert sdfp.expected_speedup(alpha, 4, 0.3, 1.1) == pytest.approx(sum(alpha**i for i in range(5)) / (4 * 0.3 + 1.1))
 
 
+def test_measure_costs_reads_planted_costs_c_as_a_line_over_depth_v_as_timed_per_gamma():
+    # Plant costs that dwarf the tiny model's own compute (~1 ms): every forward sleeps 30 ms,
+    # or 90 ms over 4 tokens and 60 ms over 5 (a verify cost that is not a line in γ, as on
+    # our CPU's BLAS), and every decoder layer it runs sleeps 5 ms more. A plain step is then
+    # 30 + 4 * 5 = 50 ms, so c(K) = (30 + 5K) / 50, V(3) = (90 + 20) / 50 = 2.2, V(4) = 1.6.
+    import time
+
+    model = tiny_model("llama", layers=4)
+    forward_ms = {4: 90, 5: 60}
+    hooks = [model.register_forward_pre_hook(lambda m, args, kwargs: time.sleep(forward_ms.get(kwargs["input_ids"].shape[1], 30) / 1e3), with_kwargs=True)]
+    hooks += [layer.register_forward_pre_hook(lambda m, args: time.sleep(5e-3)) for layer in sdfp.decoder_layer_list(model)[2]]
+    try:
+        cache = sdfp.new_cache(model)
+        with torch.inference_mode():
+            model(input_ids=torch.ones(1, 8, dtype=torch.long), cache=cache, use_cache=True)
+        cost_ratio, verify_cost = sdfp.measure_costs(model, cache, [3, 4], sdfp.Sampling(), rounds=5)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert sdfp.cache_length(cache) == 8  # every timed call rolled the cache back
+    # the sleeps are lower bounds of the wall time, and the fastest of 5 rounds stays close to them
+    for kept in (1, 2, 4):
+        assert cost_ratio(kept) == pytest.approx((30 + 5 * kept) / 50, rel=0.1)
+    assert verify_cost(3) == pytest.approx(2.2, rel=0.1) and verify_cost(4) == pytest.approx(1.6, rel=0.1)
+    assert verify_cost(0) == 1.0
+
+
 def test_plan_draft_skips_planted_identity_layers_and_declines_when_speculation_does_not_pay():
     model = model_with_identity_layers(6, identity=(1, 3, 4))
     tokenizer = CharTokenizer(12)
