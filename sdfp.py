@@ -755,8 +755,8 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
 @torch.inference_mode()
 def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: Sampling, rounds: int = 9) -> tuple[Callable[[int], float], Callable[[int], float]]:
     """Cost models on this machine, relative to one plain decoding step (a single-token
-    forward plus sampling): c(K) for one draft token from K of the L layers, and V(γ) for
-    verifying γ+1 tokens in one forward.
+    forward plus sampling): c(K) for one draft token from K of the L layers, and V(γ), for
+    each γ in `draft_lens` (and 0), for verifying γ+1 tokens in one forward.
 
     c is timed on one-token drafts, so it includes entering and leaving the draft
     (`layer_skip`, the rollback: ~1 ms, ~4% of a step on echo24L), which a γ-token draft
