@@ -703,12 +703,6 @@ def expected_acceptance(p_target: torch.Tensor, q_draft: torch.Tensor) -> float:
     return torch.minimum(p_target, q_draft).sum(-1).mean().item()
 
 
-def teacher_forced_acceptance(model: nn.Module, input_ids: torch.Tensor, skip_layers: Sequence[int], sampling: Sampling, first: int = 0) -> float:
-    """α of the draft without `skip_layers`, teacher-forced on given texts (B, T) at positions >= first."""
-    p_target = teacher_forced_probs(model, input_ids, [], sampling, first)
-    return expected_acceptance(p_target, teacher_forced_probs(model, input_ids, skip_layers, sampling, first))
-
-
 @torch.inference_mode()
 def sample_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: int, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     """(B, T) prompts -> (B, T + new_tokens): text the model writes itself, B sequences in

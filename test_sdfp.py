@@ -14,6 +14,7 @@ import itertools
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -577,16 +578,21 @@ def test_teacher_forced_acceptance_is_the_expected_acceptance_of_the_draft():
         target_logits = model(input_ids=ids).logits
         with sdfp.layer_skip(model, skip):
             draft_logits = model(input_ids=ids).logits
+
+    def teacher_forced_alpha(skip_layers, sampling, first=0):  # as plan_draft measures α
+        p_target = sdfp.teacher_forced_probs(model, ids, [], sampling, first)
+        return sdfp.expected_acceptance(p_target, sdfp.teacher_forced_probs(model, ids, skip_layers, sampling, first))
+
     greedy = sdfp.Sampling()
-    assert sdfp.teacher_forced_acceptance(model, ids, [], greedy) == 1.0  # the target agrees with itself
+    assert teacher_forced_alpha([], greedy) == 1.0  # the target agrees with itself
     agreement = (target_logits.argmax(-1) == draft_logits.argmax(-1)).double().mean().item()
     assert 0 < agreement < 1
-    assert sdfp.teacher_forced_acceptance(model, ids, skip, greedy) == pytest.approx(agreement)
+    assert teacher_forced_alpha(skip, greedy) == pytest.approx(agreement)
     # with sampling: E_x~q[min(1, p(x)/q(x))] = sum_x min(p(x), q(x)), from position `first` on
     warm = sdfp.Sampling(temperature=0.7)
     p_target, q_draft = (target_logits[:, 5:] / 0.7).softmax(-1), (draft_logits[:, 5:] / 0.7).softmax(-1)
     expected = torch.minimum(p_target, q_draft).sum(-1).mean().item()
-    assert sdfp.teacher_forced_acceptance(model, ids, skip, warm, first=5) == pytest.approx(expected, rel=1e-6)
+    assert teacher_forced_alpha(skip, warm, first=5) == pytest.approx(expected, rel=1e-6)
 
 
 def test_expected_speedup_closed_form():
@@ -604,8 +610,6 @@ def test_measure_costs_reads_planted_costs_c_as_a_line_over_depth_v_as_timed_per
     # or 90 ms over 4 tokens and 60 ms over 5 (a verify cost that is not a line in γ, as on
     # our CPU's BLAS), and every decoder layer it runs sleeps 5 ms more. A plain step is then
     # 30 + 4 * 5 = 50 ms, so c(K) = (30 + 5K) / 50, V(3) = (90 + 20) / 50 = 2.2, V(4) = 1.6.
-    import time
-
     model = tiny_model("llama", layers=4)
     forward_ms = {4: 90, 5: 60}
     hooks = [model.register_forward_pre_hook(lambda m, args, kwargs: time.sleep(forward_ms.get(kwargs["input_ids"].shape[1], 30) / 1e3), with_kwargs=True)]
