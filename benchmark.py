@@ -254,7 +254,7 @@ def benchmark_model(args, model_path: str) -> list[dict]:
         with torch.inference_mode():
             model(input_ids=first, cache=cache, use_cache=True)
         cost_ratio, verify_cost = sdfp.measure_costs(model, cache, [max(draft_len, 1)], sampling)
-        c, v = cost_ratio(num_layers - len(skip)), verify_cost(max(draft_len, 1))
+        c, v = cost_ratio(num_layers - len(skip), max(draft_len, 1)), verify_cost(max(draft_len, 1))
         plain = totals["plain"]
         for method, stats in totals.items():
             row = dict(model=name, task=task, method=method, tokens=stats.new_tokens, seconds=round(stats.seconds, 3),

@@ -43,6 +43,7 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -668,16 +669,17 @@ def autoregressive_generate(
 # follows from the closed form of Leviathan et al. (their Thm 1 and Eq. 1):
 #   α  the per-token acceptance probability E[sum_x min(p(x), q(x))]
 #   c  the cost of drafting one token, relative to one plain decoding step (a single-token
-#      forward of the full model, plus sampling)
+#      forward of the full model, plus sampling); its share of entering and leaving the
+#      draft, paid once per draft, included, so c falls a little as γ grows
 #   V  the cost of verifying γ+1 tokens in one forward, relative to the same step
 # A step drafts γ tokens (cost γc), verifies them (cost V) and yields on average
 # 1 + α + ... + α^γ = (1 - α^(γ+1)) / (1 - α) tokens, so the expected speedup is
 #
-#     S(k, γ) = (1 - α_k^(γ+1)) / ((1 - α_k) (γ c_k + V_γ))
+#     S(k, γ) = (1 - α_k^(γ+1)) / ((1 - α_k) (γ c_kγ + V_γ))
 #
 # for the draft that skips the k lowest-FIT layers. α_k is measured teacher-forced (one
 # target and one draft forward over the same tokens) on continuations the model writes of
-# the calibration text, c_k and V_γ by timing the loop's own draft and verify here. We
+# the calibration text, c_kγ and V_γ by timing the loop's own draft and verify here. We
 # pick the (k, γ) with the largest S; when even that is below `min_speedup`, speculation
 # does not pay here and we decode plainly.
 
@@ -717,16 +719,20 @@ def sample_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: in
     return ids
 
 
-def fastest_seconds(calls: Sequence[Callable[[], object]], device: torch.device, rounds: int = 9) -> list[float]:
-    """The fastest wall time of each call over interleaved rounds (round 0 warms up).
+def relative_times(calls: Sequence[Callable[[], object]], device: torch.device, rounds: int = 9) -> list[float]:
+    """Each call's wall time over the first call's, the median over interleaved rounds
+    (round 0 warms up).
 
-    Load from other processes on a shared machine only ever adds time, so the fastest round
-    is the steadiest estimate of what a call costs. Every round runs the calls in a fresh
-    random order (a local, seeded RNG): on our shared 2-core machine load came in a rhythm,
-    and in a fixed order it hit the same call in every round (the plain step once came out
-    1.3x slower than verifying six tokens, which is more work).
+    On a shared machine, load from other processes slows whatever runs while it lasts.
+    Within a round the calls run back to back, so they meet nearly the same load, and the
+    ratio of a call to the round's first call is steadier than either time; the median over
+    rounds drops the rounds that a burst hit. Every round runs the calls in a fresh random
+    order (a local, seeded RNG): on our 2-core machine load came in a rhythm, and in a fixed
+    order it hit the same call in every round. (We first took each call's fastest time: one
+    lucky fast plain step then inflated every ratio. On echo24L one plain step's fastest of 15
+    rounds was 26 ms against a median of 36 ms, and every V came out 10-20% high.)
     """
-    times = [math.inf] * len(calls)
+    times = [[] for _ in calls]  # times[i][r]: call i in round r
     order = list(range(len(calls)))
     shuffle = random.Random(0).shuffle
     for round_ in range(rounds + 1):
@@ -735,38 +741,43 @@ def fastest_seconds(calls: Sequence[Callable[[], object]], device: torch.device,
             t0 = clock(device)
             calls[i]()
             if round_ > 0:
-                times[i] = min(times[i], clock(device) - t0)
-    return times
+                times[i].append(clock(device) - t0)
+    return [statistics.median(t / base for t, base in zip(call_times, times[0])) for call_times in times]
 
 
-def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
-    """Least-squares (intercept, slope) of y = a + b x."""
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-12)
-    return my - slope * mx, slope
+def least_squares(rows: Sequence[Sequence[float]], targets: Sequence[float]) -> list[float]:
+    """The coefficients b that minimise sum_i (rows_i · b - targets_i)^2."""
+    a = torch.tensor(rows, dtype=torch.float64)  # (points, coefficients)
+    b = torch.tensor(targets, dtype=torch.float64).unsqueeze(-1)  # (points, 1)
+    return torch.linalg.lstsq(a, b).solution.squeeze(-1).tolist()
 
 
 @torch.inference_mode()
-def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: Sampling, rounds: int = 9) -> tuple[Callable[[int], float], Callable[[int], float]]:
+def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: Sampling, rounds: int = 9) -> tuple[Callable[[int, int], float], Callable[[int], float]]:
     """Cost models on this machine, relative to one plain decoding step (a single-token
-    forward plus sampling): c(K) for one draft token from K of the L layers, and V(γ), for
-    each γ in `draft_lens` (and 0), for verifying γ+1 tokens in one forward.
-
-    c is timed on one-token drafts, so it includes entering and leaving the draft
-    (`layer_skip`, the rollback: ~1 ms, ~4% of a step on echo24L), which a γ-token draft
-    pays once: for γ > 1 the prediction is slightly pessimistic. (Splitting that part off
-    from a second timing made c too noisy to trust on a shared machine.)
+    forward plus sampling): c(K, γ), the cost of one draft token from K of the L layers in
+    a draft of γ tokens, and V(γ), for each γ in `draft_lens` (and 0), the cost of verifying
+    γ+1 tokens in one forward.
 
     We time the decoding loop's own `draft` and `verify`, so their overheads (sampling, cache
-    rollback) are counted. c is read off a line through drafts of a few depths: every layer
-    is the same work, so a draft costs an overhead plus a per-layer part, and the line is
-    steadier than timing every depth once. V is timed at every γ asked for and used as
-    measured, because its shape is not a line: a forward over several tokens takes other
-    kernels (and a causal mask) than a single-token one, so V jumps from 1 at γ = 0 to ~1.2 at
-    γ = 1 on a CPU, and then the matrix-multiply kernel the BLAS picks depends on the number of
-    rows. On our 2-core CPU (echo24L, three separate timings) verifying 4 tokens (γ = 3) cost
-    1.30 plain steps and verifying 5 or 6 (γ = 4, 5) 1.19-1.24; a line through all γ hid that
-    and made γ = 3 look as good as γ = 4, which decodes faster here.
+    rollback) are counted. A draft of n tokens from K layers costs
+
+        fixed + n * (per_token + K * per_layer)
+
+    `fixed` is paid once per draft (entering and leaving the draft, the rollback), `per_token`
+    for every token (embedding, LM head, sampling), `per_layer` for every layer it runs. We
+    time one-token drafts at four depths and three-token drafts at two, and fit the three
+    numbers by least squares. A line is steadier than timing every (K, γ) once, and so
+    c(K, γ) = fixed / γ + per_token + K * per_layer charges the fixed part to the whole
+    draft. On echo24L a one-token draft from 12 layers costs 0.55-0.60 plain steps and a
+    four-token one 2.04-2.16: the fixed part is 0.03-0.1. Reading c off one-token drafts
+    alone charged it to every token, and made γ = 4 look dearer than it is.
+
+    V is timed at every γ asked for and used as measured, because it is not a line: a
+    forward over several tokens takes other kernels (and a causal mask) than a
+    single-token one, so V jumps from 1 at γ = 0 to ~1.2 at γ = 1 on a CPU, and then the
+    kernel the BLAS picks depends on the number of rows. On our 2-core CPU (echo24L) verifying
+    4 tokens (γ = 3) often cost more than verifying 5 (γ = 4); a line through all γ hid that.
     """
     num_layers = num_decoder_layers(model)
     device = next(model.parameters()).device
@@ -774,8 +785,8 @@ def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: 
     last_token = torch.zeros(1, 1, dtype=torch.long, device=device)
     generator = torch.Generator(device).manual_seed(0)
 
-    def draft_call(kept: int):
-        return lambda: draft(model, cache, last_token, list(range(kept, num_layers)), 1, sampling, generator)
+    def draft_call(kept: int, n: int):
+        return lambda: draft(model, cache, last_token, list(range(kept, num_layers)), n, sampling, generator)
 
     def verify_call(gamma: int):
         def call():
@@ -783,15 +794,25 @@ def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: 
             truncate_cache(cache, start)
         return call
 
-    kept_counts = sorted({1, max(1, num_layers // 4), max(1, num_layers // 2), max(1, 3 * num_layers // 4), num_layers})
+    # (K, n): one-token drafts at four depths, three-token drafts at the two cheapest (a
+    # draft keeps at most L - 1 layers, so the full depth is not timed)
+    kept_counts = sorted({1, max(1, num_layers // 4), max(1, num_layers // 2), max(1, 3 * num_layers // 4)})
+    draft_shapes = [(kept, 1) for kept in kept_counts] + [(kept, 3) for kept in kept_counts[:2]]
     gammas = sorted(set(draft_lens))
-    calls = [verify_call(0)] + [draft_call(k) for k in kept_counts] + [verify_call(g) for g in gammas]
-    plain_step, *times = fastest_seconds(calls, device, rounds)
-    draft_a, draft_b = fit_line(kept_counts, times[: len(kept_counts)])
-    verify_seconds = dict(zip(gammas, times[len(kept_counts) :]))
-    # Verifying γ+1 tokens is more work than one plain step, so V >= 1; a time below that is
-    # noise (a fit gave 0.93 once on mixed12L), and it would flatter short drafts.
-    return (lambda kept: (draft_a + draft_b * kept) / plain_step), (lambda gamma: max(1.0, verify_seconds[gamma] / plain_step) if gamma else 1.0)
+    calls = [verify_call(0)] + [draft_call(kept, n) for kept, n in draft_shapes] + [verify_call(g) for g in gammas]
+    _, *costs = relative_times(calls, device, rounds)  # in plain steps
+    fixed, per_token, per_layer = least_squares([[1.0, n, n * kept] for kept, n in draft_shapes], costs[: len(draft_shapes)])
+    verify_costs = dict(zip(gammas, costs[len(draft_shapes) :]))
+
+    def cost_ratio(kept: int, draft_len: int) -> float:
+        return fixed / draft_len + per_token + kept * per_layer
+
+    def verify_cost(gamma: int) -> float:
+        # Verifying γ+1 tokens is more work than one plain step, so V >= 1; a time below
+        # that is noise (a fit gave 0.93 once on mixed12L), and it would flatter short drafts.
+        return max(1.0, verify_costs[gamma]) if gamma else 1.0
+
+    return cost_ratio, verify_cost
 
 
 @dataclasses.dataclass
@@ -856,9 +877,9 @@ def plan_draft(
     for k in range(1, num_layers):
         skip = select_skipped_layers(fit, k / num_layers)
         alpha = expected_acceptance(p_target, teacher_forced_probs(model, input_ids, skip, sampling, first=prompt_len - 1))
-        c = cost_ratio(num_layers - len(skip))
-        speedup, gamma = max((expected_speedup(alpha, g, c, verify_cost(g)), g) for g in draft_lens)
-        candidates.append(dict(k=len(skip), skip_layers=skip, alpha=alpha, cost_ratio=c, draft_len=gamma, verify_cost=verify_cost(gamma), speedup=speedup))
+        kept = num_layers - len(skip)
+        speedup, gamma = max((expected_speedup(alpha, g, cost_ratio(kept, g), verify_cost(g)), g) for g in draft_lens)
+        candidates.append(dict(k=len(skip), skip_layers=skip, alpha=alpha, cost_ratio=cost_ratio(kept, gamma), draft_len=gamma, verify_cost=verify_cost(gamma), speedup=speedup))
 
     best = max(candidates, key=lambda row: row["speedup"], default=None)
     seconds = time.perf_counter() - t0

@@ -9,6 +9,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # here the hub is unreachable: fail fast, not after 25 s of retries
 
+import contextlib
 import functools
 import itertools
 import json
@@ -605,15 +606,34 @@ def test_expected_speedup_closed_form():
     assert sdfp.expected_speedup(alpha, 4, 0.3, 1.1) == pytest.approx(sum(alpha**i for i in range(5)) / (4 * 0.3 + 1.1))
 
 
-def test_measure_costs_reads_planted_costs_c_as_a_line_over_depth_v_as_timed_per_gamma():
-    # Plant costs that dwarf the tiny model's own compute (~1 ms): every forward sleeps 30 ms,
-    # or 90 ms over 4 tokens and 60 ms over 5 (a verify cost that is not a line in γ, as on
-    # our CPU's BLAS), and every decoder layer it runs sleeps 5 ms more. A plain step is then
-    # 30 + 4 * 5 = 50 ms, so c(K) = (30 + 5K) / 50, V(3) = (90 + 20) / 50 = 2.2, V(4) = 1.6.
+def busy_wait(ms: float) -> None:
+    """Take `ms` milliseconds of wall time, on the CPU."""
+    end = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < end:
+        pass
+
+
+def test_measure_costs_reads_planted_costs_per_draft_per_token_per_layer_and_v_per_gamma(monkeypatch):
+    # Plant costs that dwarf the tiny model's own compute (~5 ms a forward): every forward
+    # takes 60 ms, or 180 ms over 4 tokens and 120 ms over 5 (a verify cost that is not a
+    # line in γ, as on our CPU's BLAS), every decoder layer it runs 10 ms more, and entering
+    # the draft 40 ms, once per draft. A plain step is then 60 + 4 * 10 = 100 ms, so a
+    # γ-token draft from K layers costs (40 + γ (60 + 10K)) / 100 plain steps, c(K, γ) is
+    # that over γ, V(3) = (180 + 40) / 100 = 2.2 and V(4) = 1.6. The costs are busy waits:
+    # a loaded machine wakes a sleeping thread late, which added 8-13 ms to a 50-ms step.
     model = tiny_model("llama", layers=4)
-    forward_ms = {4: 90, 5: 60}
-    hooks = [model.register_forward_pre_hook(lambda m, args, kwargs: time.sleep(forward_ms.get(kwargs["input_ids"].shape[1], 30) / 1e3), with_kwargs=True)]
-    hooks += [layer.register_forward_pre_hook(lambda m, args: time.sleep(5e-3)) for layer in sdfp.decoder_layer_list(model)[2]]
+    forward_ms = {4: 180, 5: 120}
+    hooks = [model.register_forward_pre_hook(lambda m, args, kwargs: busy_wait(forward_ms.get(kwargs["input_ids"].shape[1], 60)), with_kwargs=True)]
+    hooks += [layer.register_forward_pre_hook(lambda m, args: busy_wait(10)) for layer in sdfp.decoder_layer_list(model)[2]]
+    layer_skip = sdfp.layer_skip
+
+    @contextlib.contextmanager
+    def slow_to_enter(*args):
+        busy_wait(40)
+        with layer_skip(*args) as draft_cache:
+            yield draft_cache
+
+    monkeypatch.setattr(sdfp, "layer_skip", slow_to_enter)
     try:
         cache = sdfp.new_cache(model)
         with torch.inference_mode():
@@ -623,9 +643,10 @@ def test_measure_costs_reads_planted_costs_c_as_a_line_over_depth_v_as_timed_per
         for hook in hooks:
             hook.remove()
     assert sdfp.cache_length(cache) == 8  # every timed call rolled the cache back
-    # the sleeps are lower bounds of the wall time, and the fastest of 5 rounds stays close to them
+    # the planted costs are lower bounds of the wall time; their ratios come back within 10%
     for kept in (1, 2, 4):
-        assert cost_ratio(kept) == pytest.approx((30 + 5 * kept) / 50, rel=0.1)
+        for gamma in (1, 4):  # the fixed 40 ms is shared by the γ tokens of a draft
+            assert cost_ratio(kept, gamma) == pytest.approx((40 / gamma + 60 + 10 * kept) / 100, rel=0.1)
     assert verify_cost(3) == pytest.approx(2.2, rel=0.1) and verify_cost(4) == pytest.approx(1.6, rel=0.1)
     assert verify_cost(0) == 1.0
 
