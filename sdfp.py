@@ -767,9 +767,9 @@ def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: 
     `fixed` is paid once per draft (entering and leaving the draft, the rollback), `per_token`
     for every token (embedding, LM head, sampling), `per_layer` for every layer it runs. We
     time one-token drafts at four depths and three-token drafts at two, and fit the three
-    numbers by least squares. A line is steadier than timing every (K, γ) once, and so
-    c(K, γ) = fixed / γ + per_token + K * per_layer charges the fixed part to the whole
-    draft. On echo24L a one-token draft from 12 layers costs 0.55-0.60 plain steps and a
+    numbers by least squares, which is steadier than timing every (K, γ) once. Then
+    c(K, γ) = fixed / γ + per_token + K * per_layer shares the fixed part among the γ
+    tokens of a draft. On echo24L a one-token draft from 12 layers costs 0.55-0.60 plain steps and a
     four-token one 2.04-2.16: the fixed part is 0.03-0.1. Reading c off one-token drafts
     alone charged it to every token, and made γ = 4 look dearer than it is.
 
@@ -777,7 +777,8 @@ def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: 
     forward over several tokens takes other kernels (and a causal mask) than a
     single-token one, so V jumps from 1 at γ = 0 to ~1.2 at γ = 1 on a CPU, and then the
     kernel the BLAS picks depends on the number of rows. On our 2-core CPU (echo24L) verifying
-    4 tokens (γ = 3) often cost more than verifying 5 (γ = 4); a line through all γ hid that.
+    4 tokens (γ = 3) often cost more than verifying 5 (γ = 4), by up to 0.17 plain steps,
+    though by how much drifts with the machine's load; a line through all γ hid that.
     """
     num_layers = num_decoder_layers(model)
     device = next(model.parameters()).device
