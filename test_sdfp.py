@@ -677,6 +677,44 @@ def test_plan_draft_skips_planted_identity_layers_and_declines_when_speculation_
     assert "decoding plainly" in plain.summary() and "1000000.00x" in plain.summary()
 
 
+def test_plan_draft_times_v_again_for_the_near_ties_and_chooses_among_them(monkeypatch):
+    # The first look sees a flat V = 1.2 at every γ; the second look, asked only for the
+    # `second_look` γ that predicted the most, makes the shorter of them cheap (V = 1) and
+    # the longer dear (V = 3). The plan must use the second look's V, and only its γ.
+    model = model_with_identity_layers(6, identity=(1, 3, 4))
+    tokenizer = CharTokenizer(12)
+    fit = sdfp.fit_scores(model, tokenizer, seq_len=32, max_sequences=4, progress=False)
+    looks = []
+
+    def planted_verify_costs(model, cache, gammas, sampling, rounds):
+        looks.append((list(gammas), rounds))
+        if len(looks) == 1:
+            return {g: 1.2 for g in gammas}
+        return {g: 1.0 if g == min(gammas) else 3.0 for g in gammas}
+
+    measure_costs, timed = sdfp.measure_costs, {}
+
+    def spy(*args, **kwargs):
+        timed["cost_ratio"], verify_cost = measure_costs(*args, **kwargs)
+        return timed["cost_ratio"], verify_cost
+
+    monkeypatch.setattr(sdfp, "measure_verify_costs", planted_verify_costs)
+    monkeypatch.setattr(sdfp, "measure_costs", spy)
+    draft_lens = (1, 2, 3, 4)
+    settings = dict(prompt_len=8, new_tokens=16, timing_context=32, first_rounds=2, second_look=2, second_rounds=7)
+    plan = sdfp.plan_draft(model, tokenizer, fit, min_speedup=0.0, draft_lens=draft_lens, **settings)
+
+    assert len(looks) == 2 and looks[0] == ([1, 2, 3, 4], 2)
+    # the second look: the two γ with the best first-look S over all drafts, 7 rounds
+    first_look = {g: max(sdfp.expected_speedup(row["alpha"], g, timed["cost_ratio"](6 - row["k"], g), 1.2) for row in plan.candidates) for g in draft_lens}
+    near_ties = sorted(sorted(draft_lens, key=first_look.get, reverse=True)[:2])
+    assert looks[1] == (near_ties, 7)
+    for row in plan.candidates:  # every draft's γ is one of the near ties, with the second look's V
+        assert row["draft_len"] in near_ties
+        assert row["verify_cost"] == (1.0 if row["draft_len"] == near_ties[0] else 3.0)
+    assert (plan.draft_len, plan.verify_cost) == (near_ties[0], 1.0)
+
+
 def test_builtin_calibration_text_is_long_enough():
     # >= 1,000 tokens under any reasonable tokenizer: check words as a lower bound
     assert len(sdfp.CALIBRATION_TEXT.split()) >= 1000
