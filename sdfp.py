@@ -841,14 +841,15 @@ class DraftPlan:
     cost_ratio: float
     verify_cost: float
     seconds: float  # how long planning took
-    candidates: list[dict]  # per number of skipped layers k: α, c, the best γ, its V and S
+    candidates: list[dict]  # per number of skipped layers k worth measuring: α, c, the best γ, its V and S
     min_speedup: float  # below this predicted speedup we decode plainly
 
     def summary(self) -> str:
         if self.draft_len == 0:
             best = max(self.candidates, key=lambda row: row["speedup"], default=None)
-            why = f"the best draft (k = {best['k']}, γ = {best['draft_len']}) predicts {best['speedup']:.2f}x" if best else "no draft fits"
-            return f"decoding plainly: {why}, below the {self.min_speedup:.2f}x worth speculating for (planned in {self.seconds:.1f} s)"
+            bar = f"the {self.min_speedup:.2f}x worth speculating for"
+            why = f"the best draft (k = {best['k']}, γ = {best['draft_len']}) predicts {best['speedup']:.2f}x, below {bar}" if best else f"no draft would reach {bar} even if every drafted token were accepted"
+            return f"decoding plainly: {why} (planned in {self.seconds:.1f} s)"
         return (
             f"skip {len(self.skip_layers)} layers, γ = {self.draft_len}: α = {self.alpha:.2f}, c = {self.cost_ratio:.2f}, "
             f"V = {self.verify_cost:.2f}, predicted speedup {self.predicted_speedup:.2f}x (planned in {self.seconds:.1f} s)"
@@ -897,14 +898,18 @@ def plan_draft(
         model(input_ids=calibration_batches(tokenizer, texts, timing_len, 1)[0].to(device), cache=cache, use_cache=True)
     cost_ratio, rough_verify_cost = measure_costs(model, cache, draft_lens, sampling, rounds=first_rounds)
 
-    p_target = teacher_forced_probs(model, input_ids, [], sampling, first=prompt_len - 1)  # (B, new_tokens + 1, V)
-    drafts = []  # (skip_layers, α) for k = 1 .. L-1
-    for k in range(1, num_layers):
-        skip = select_skipped_layers(fit, k / num_layers)
-        drafts.append((skip, expected_acceptance(p_target, teacher_forced_probs(model, input_ids, skip, sampling, first=prompt_len - 1))))
-
     def speedup(skip: list[int], alpha: float, gamma: int, verify_cost: Callable[[int], float]) -> float:
         return expected_speedup(alpha, gamma, cost_ratio(num_layers - len(skip), gamma), verify_cost(gamma))
+
+    # α of every draft worth measuring. A draft that could not reach min_speedup even if the
+    # target accepted every token it drafts (α = 1: γ + 1 tokens per step) is not: it keeps
+    # too many layers to pay. Those are the dearest to measure (on echo24L, k = 1 and 2).
+    p_target = teacher_forced_probs(model, input_ids, [], sampling, first=prompt_len - 1)  # (B, new_tokens + 1, V)
+    drafts = []  # (skip_layers, α)
+    for k in range(1, num_layers):
+        skip = select_skipped_layers(fit, k / num_layers)
+        if max(speedup(skip, 1.0, g, rough_verify_cost) for g in draft_lens) >= min_speedup:
+            drafts.append((skip, expected_acceptance(p_target, teacher_forced_probs(model, input_ids, skip, sampling, first=prompt_len - 1))))
 
     # A second look at the near ties. Near its best γ the closed form is flat: on echo24L
     # γ = 2..5 predict within a few percent of each other, and V off by 0.1, which one

@@ -677,6 +677,36 @@ def test_plan_draft_skips_planted_identity_layers_and_declines_when_speculation_
     assert "decoding plainly" in plain.summary() and "1000000.00x" in plain.summary()
 
 
+def test_plan_draft_does_not_measure_drafts_that_could_not_pay_even_if_always_accepted(monkeypatch):
+    # Planted costs: a draft token from K of the 6 layers costs K/6 plain steps, verifying
+    # costs 1. With α = 1 a step yields γ + 1 tokens, so S <= (γ + 1) / (γK/6 + 1): for
+    # γ <= 4 that stays below 1.5 when K >= 4 (k <= 2 skipped), and those α are not measured.
+    model = model_with_identity_layers(6, identity=(1, 3, 4))
+    tokenizer = CharTokenizer(12)
+    fit = sdfp.fit_scores(model, tokenizer, seq_len=32, max_sequences=4, progress=False)
+    monkeypatch.setattr(sdfp, "measure_costs", lambda *args, **kwargs: (lambda kept, gamma: kept / 6, lambda gamma: 1.0))
+    monkeypatch.setattr(sdfp, "measure_verify_costs", lambda model, cache, gammas, sampling, rounds: {g: 1.0 for g in gammas})
+    teacher_forced_probs, measured = sdfp.teacher_forced_probs, []
+
+    def spy(model, input_ids, skip_layers, *args, **kwargs):
+        measured.append(list(skip_layers))
+        return teacher_forced_probs(model, input_ids, skip_layers, *args, **kwargs)
+
+    monkeypatch.setattr(sdfp, "teacher_forced_probs", spy)
+    settings = dict(draft_lens=(1, 2, 4), prompt_len=8, new_tokens=16, timing_context=32)
+    plan = sdfp.plan_draft(model, tokenizer, fit, min_speedup=1.5, **settings)
+    assert [row["k"] for row in plan.candidates] == [3, 4, 5]
+    assert [len(skip) for skip in measured] == [0, 3, 4, 5]  # the target's p, then k = 3, 4, 5
+    # k = 3 skips exactly the identity layers (α = 1): S = 5 / (4 * 3/6 + 1) at γ = 4
+    assert (plan.skip_layers, plan.draft_len, plan.predicted_speedup) == ([1, 3, 4], 4, pytest.approx(5 / 3))
+    # no draft can reach 4x (one layer, always accepted: 5 / (4/6 + 1) = 3x): nothing is
+    # measured but the target, and the summary says why
+    measured.clear()
+    plain = sdfp.plan_draft(model, tokenizer, fit, min_speedup=4.0, **settings)
+    assert (plain.skip_layers, plain.draft_len, plain.candidates, measured) == ([], 0, [], [[]])
+    assert "even if every drafted token were accepted" in plain.summary()
+
+
 def test_plan_draft_times_v_again_for_the_near_ties_and_chooses_among_them(monkeypatch):
     # The first look sees a flat V = 1.2 at every γ; the second look, asked only for the
     # `second_look` γ that predicted the most, makes the shorter of them cheap (V = 1) and
