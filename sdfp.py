@@ -903,7 +903,7 @@ def plan_draft(
 
     # α of every draft worth measuring. A draft that could not reach min_speedup even if the
     # target accepted every token it drafts (α = 1: γ + 1 tokens per step) is not: it keeps
-    # too many layers to pay. Those are the dearest to measure (on echo24L, k = 1 and 2).
+    # too many layers to pay. Those are the dearest to measure (on echo24L, k = 1 to 4 or 5).
     p_target = teacher_forced_probs(model, input_ids, [], sampling, first=prompt_len - 1)  # (B, new_tokens + 1, V)
     drafts = []  # (skip_layers, α)
     for k in range(1, num_layers):
