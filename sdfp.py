@@ -779,6 +779,8 @@ def measure_verify_costs(model: nn.Module, cache, gammas: Sequence[int], samplin
     0.17 plain steps, an amount that drifted with the machine's load; on one thread V(3) was
     the lower of the two, and V(2) above both. A line through all γ hid that.
     """
+    if not gammas:
+        return {}  # nothing to time, not even the plain step
     calls = [verify_call(model, cache, gamma, sampling) for gamma in [0, *gammas]]
     _, *costs = relative_times(calls, next(model.parameters()).device, rounds)  # in plain steps
     # Verifying γ+1 tokens is more work than one plain step, so V >= 1; a time below that is
@@ -915,8 +917,8 @@ def plan_draft(
     # γ = 2..5 predict within a few percent of each other, and V off by 0.1, which one
     # short timing can be on a shared machine, picked γ = 2 (1.12x measured) over γ = 3
     # (1.22x). So we time V again, with more rounds, for the few γ that come out best,
-    # and choose among them.
-    best_of_gamma = {g: max((speedup(skip, alpha, g, rough_verify_cost) for skip, alpha in drafts), default=0.0) for g in draft_lens}
+    # and choose among them. With no draft worth measuring there is nothing to look at again.
+    best_of_gamma = {g: max(speedup(skip, alpha, g, rough_verify_cost) for skip, alpha in drafts) for g in draft_lens} if drafts else {}
     near_ties = sorted(sorted(best_of_gamma, key=best_of_gamma.get, reverse=True)[:second_look])
     verify_cost = measure_verify_costs(model, cache, near_ties, sampling, rounds=second_rounds).get
 

@@ -685,7 +685,8 @@ def test_plan_draft_does_not_measure_drafts_that_could_not_pay_even_if_always_ac
     tokenizer = CharTokenizer(12)
     fit = sdfp.fit_scores(model, tokenizer, seq_len=32, max_sequences=4, progress=False)
     monkeypatch.setattr(sdfp, "measure_costs", lambda *args, **kwargs: (lambda kept, gamma: kept / 6, lambda gamma: 1.0))
-    monkeypatch.setattr(sdfp, "measure_verify_costs", lambda model, cache, gammas, sampling, rounds: {g: 1.0 for g in gammas})
+    measure_verify_costs, second_looks = sdfp.measure_verify_costs, []  # measure_costs is planted, so every call here is plan_draft's second look
+    monkeypatch.setattr(sdfp, "measure_verify_costs", lambda model, cache, gammas, sampling, rounds: second_looks.append(list(gammas)) or {g: 1.0 for g in gammas})
     teacher_forced_probs, measured = sdfp.teacher_forced_probs, []
 
     def spy(model, input_ids, skip_layers, *args, **kwargs):
@@ -699,11 +700,15 @@ def test_plan_draft_does_not_measure_drafts_that_could_not_pay_even_if_always_ac
     assert [len(skip) for skip in measured] == [0, 3, 4, 5]  # the target's p, then k = 3, 4, 5
     # k = 3 skips exactly the identity layers (α = 1): S = 5 / (4 * 3/6 + 1) at γ = 4
     assert (plan.skip_layers, plan.draft_len, plan.predicted_speedup) == ([1, 3, 4], 4, pytest.approx(5 / 3))
+    assert second_looks == [[1, 2, 4]]  # all three γ are near ties here
     # no draft can reach 4x (one layer, always accepted: 5 / (4/6 + 1) = 3x): nothing is
-    # measured but the target, and the summary says why
+    # measured but the target, V is not timed again, and the summary says why
     measured.clear()
     plain = sdfp.plan_draft(model, tokenizer, fit, min_speedup=4.0, **settings)
     assert (plain.skip_layers, plain.draft_len, plain.candidates, measured) == ([], 0, [], [[]])
+    assert second_looks[1:] == [[]]  # the second look asks for no γ ...
+    monkeypatch.setattr(sdfp, "relative_times", lambda *args: pytest.fail("timed with no γ to time"))
+    assert measure_verify_costs(model, None, [], sdfp.Sampling(), 15) == {}  # ... and so times nothing
     assert "even if every drafted token were accepted" in plain.summary()
 
 
