@@ -884,13 +884,7 @@ def plan_draft(
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     num_layers = len(fit)
-    # α is measured on text the model writes itself, as in decoding, continuing a few
-    # calibration snippets: one 64-token continuation alone gave α anywhere from 0.83 to
-    # 0.94 for the same draft on echo24L, four of them average that out.
     context = getattr(model.config.get_text_config(), "max_position_embeddings", 4096)
-    new_tokens = max(1, min(new_tokens, context - prompt_len - max(draft_lens) - 1))
-    prompts = torch.cat(calibration_batches(tokenizer, texts, prompt_len, num_prompts)).to(device)  # (B, prompt_len)
-    input_ids = sample_continuations(model, prompts, new_tokens, sampling, torch.Generator(device).manual_seed(0))
 
     # time draft and verify on top of a context of a few hundred tokens, as in use: the
     # attention part of a forward, and so V, grows with the context
@@ -903,14 +897,26 @@ def plan_draft(
     def speedup(skip: list[int], alpha: float, gamma: int, verify_cost: Callable[[int], float]) -> float:
         return expected_speedup(alpha, gamma, cost_ratio(num_layers - len(skip), gamma), verify_cost(gamma))
 
-    # α of every draft worth measuring. A draft that could not reach min_speedup even if the
+    # The drafts worth measuring α for. A draft that could not reach min_speedup even if the
     # target accepted every token it drafts (α = 1: γ + 1 tokens per step) is not: it keeps
     # too many layers to pay. Those are the dearest to measure (on echo24L, k = 1 to 4 or 5).
-    p_target = teacher_forced_probs(model, input_ids, [], sampling, first=prompt_len - 1)  # (B, new_tokens + 1, V)
+    worth_measuring = [
+        skip
+        for skip in (select_skipped_layers(fit, k / num_layers) for k in range(1, num_layers))
+        if max(speedup(skip, 1.0, g, rough_verify_cost) for g in draft_lens) >= min_speedup
+    ]
+
+    # α is measured on text the model writes itself, as in decoding, continuing a few
+    # calibration snippets: one 64-token continuation alone gave α anywhere from 0.83 to
+    # 0.94 for the same draft on echo24L, four of them average that out. With no draft
+    # worth measuring, neither the text nor the target's p is needed.
     drafts = []  # (skip_layers, α)
-    for k in range(1, num_layers):
-        skip = select_skipped_layers(fit, k / num_layers)
-        if max(speedup(skip, 1.0, g, rough_verify_cost) for g in draft_lens) >= min_speedup:
+    if worth_measuring:
+        new_tokens = max(1, min(new_tokens, context - prompt_len - max(draft_lens) - 1))
+        prompts = torch.cat(calibration_batches(tokenizer, texts, prompt_len, num_prompts)).to(device)  # (B, prompt_len)
+        input_ids = sample_continuations(model, prompts, new_tokens, sampling, torch.Generator(device).manual_seed(0))
+        p_target = teacher_forced_probs(model, input_ids, [], sampling, first=prompt_len - 1)  # (B, new_tokens + 1, V)
+        for skip in worth_measuring:
             drafts.append((skip, expected_acceptance(p_target, teacher_forced_probs(model, input_ids, skip, sampling, first=prompt_len - 1))))
 
     # A second look at the near ties. Near its best γ the closed form is flat: on echo24L

@@ -701,11 +701,13 @@ def test_plan_draft_does_not_measure_drafts_that_could_not_pay_even_if_always_ac
     # k = 3 skips exactly the identity layers (α = 1): S = 5 / (4 * 3/6 + 1) at γ = 4
     assert (plan.skip_layers, plan.draft_len, plan.predicted_speedup) == ([1, 3, 4], 4, pytest.approx(5 / 3))
     assert second_looks == [[1, 2, 4]]  # all three γ are near ties here
-    # no draft can reach 4x (one layer, always accepted: 5 / (4/6 + 1) = 3x): nothing is
-    # measured but the target, V is not timed again, and the summary says why
+    # no draft can reach 4x (one layer, always accepted: 5 / (4/6 + 1) = 3x): no text is
+    # written and nothing is measured, not even the target; V is not timed again, and the
+    # summary says why
     measured.clear()
+    monkeypatch.setattr(sdfp, "sample_continuations", lambda *args: pytest.fail("wrote text to measure α with no draft to measure"))
     plain = sdfp.plan_draft(model, tokenizer, fit, min_speedup=4.0, **settings)
-    assert (plain.skip_layers, plain.draft_len, plain.candidates, measured) == ([], 0, [], [[]])
+    assert (plain.skip_layers, plain.draft_len, plain.candidates, measured) == ([], 0, [], [])
     assert second_looks[1:] == [[]]  # the second look asks for no γ ...
     monkeypatch.setattr(sdfp, "relative_times", lambda *args: pytest.fail("timed with no γ to time"))
     assert measure_verify_costs(model, None, [], sdfp.Sampling(), 15) == {}  # ... and so times nothing
