@@ -1089,11 +1089,12 @@ def check_args(args: argparse.Namespace) -> None:
         args.draft_len = int(args.draft_len)
     if args.prune_ratio != "auto":
         try:
-            args.prune_ratio = float(args.prune_ratio)
+            ratio = float(args.prune_ratio)
         except ValueError:
-            args.prune_ratio = math.nan
-        if not 0.0 <= args.prune_ratio < 1.0:
-            raise UserError(f"--prune-ratio must be auto or lie in [0, 1); got {args.prune_ratio}.")
+            ratio = math.nan  # not a number: fails the range check below, which names what was given
+        if not 0.0 <= ratio < 1.0:
+            raise UserError(f"--prune-ratio must be auto or a number in [0, 1); got {args.prune_ratio}.")
+        args.prune_ratio = ratio
     try:
         Sampling(args.temperature, args.top_k, args.top_p)
     except ValueError as error:

@@ -861,6 +861,7 @@ def test_cli_end_to_end(tiny_folder, tmp_path):
         (["--prompt", "a" * 80], "shorten the prompt"),
         (["--prune-ratio", "1.0"], "--prune-ratio"),
         (["--prune-ratio", "-0.5"], "--prune-ratio"),
+        (["--prune-ratio", "half"], "got half."),
         (["--skip-layers", "0,1,2,3"], "keep at least one layer"),
         (["--skip-layers", "7"], "out of range"),
         (["--skip-layers", "x"], "--skip-layers"),
