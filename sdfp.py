@@ -1056,8 +1056,15 @@ def cached_fit_scores(model: nn.Module, tokenizer, texts: Sequence[str] | None, 
     return scores
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, its mistakes raised as a UserError: one line and exit code 2, like ours."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; see python sdfp.py --help.")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="Self-speculative decoding with a FIT-pruned draft (SDFP).")
+    ap = ArgumentParser(description="Self-speculative decoding with a FIT-pruned draft (SDFP).")
     ap.add_argument("--model", required=True, help="hub id, local folder, or the alias TinyLlama")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -1106,8 +1113,16 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--skip-layers takes comma-separated layer numbers such as 3,5,7; got {args.skip_layers!r}.") from None
     if args.calib is not None and not Path(args.calib).is_file():
         raise UserError(f"No calibration file at {args.calib}; pass an existing text file to --calib.")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but PyTorch sees no GPU; use --device cpu.")
+    if args.device != "auto":
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UserError(f"--device {args.device} is not a device name PyTorch knows; use cpu, cuda or cuda:N.") from None
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.type == "cuda" and gpus == 0:
+            raise UserError("--device cuda was asked for but PyTorch sees no GPU; use --device cpu.")
+        if device.type == "cuda" and (device.index or 0) >= gpus:
+            raise UserError(f"--device {args.device} asks for GPU {device.index} but PyTorch sees {gpus}; use cuda:0 to cuda:{gpus - 1}.")
 
 
 def pick_device_and_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype]:
@@ -1205,12 +1220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
-    args = parse_args(argv)
     hf_logging.disable_progress_bar()  # keep stderr for our own lines: no loading bars,
     hf_logging.set_verbosity_error()  # no library warnings,
     hub_logging.set_verbosity_error()  # no "Retrying in 1s" lines while the hub is unreachable
     try:
-        run(args)
+        run(parse_args(argv))
     except UserError as error:
         print(f"sdfp: error: {error}", file=sys.stderr)
         return 2

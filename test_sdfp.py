@@ -870,6 +870,10 @@ def test_cli_end_to_end(tiny_folder, tmp_path):
         (["--top-p", "1.5"], "--top-p"),
         (["--top-k", "-1"], "--top-k"),
         (["--temperature", "-1"], "--temperature"),
+        (["--device", "tpu"], "--device tpu"),
+        (["--device", "cuda:99"], "--device cuda"),
+        (["--max-new-tokens", "x"], "--max-new-tokens"),
+        (["--no-such-option", "1"], "--no-such-option"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(tiny_folder, tmp_path, monkeypatch, capsys, extra, message):
