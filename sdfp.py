@@ -157,6 +157,10 @@ class FisherTable:
         return [sum(b.fit for b in self.blocks if b.layer == l and b.group == group) for l in range(self.num_layers)]
 
 
+class CalibrationTooShort(ValueError):
+    """The calibration text holds fewer tokens than one piece needs."""
+
+
 def calibration_batches(tokenizer, texts: Sequence[str] | None, seq_len: int, max_sequences: int) -> list[torch.Tensor]:
     """Tokenize the calibration texts as one stream and cut it into (1, seq_len) pieces."""
     texts = [CALIBRATION_TEXT] if texts is None else list(texts)
@@ -167,7 +171,7 @@ def calibration_batches(tokenizer, texts: Sequence[str] | None, seq_len: int, ma
             break
     n = min(max_sequences, len(ids) // seq_len)
     if n == 0:
-        raise ValueError(f"The calibration text holds {len(ids)} tokens; FIT needs at least {seq_len}.")
+        raise CalibrationTooShort(f"The calibration text holds {len(ids)} tokens, fewer than the {seq_len} needed; pass a longer text.")
     return [torch.tensor(ids[i * seq_len : (i + 1) * seq_len]).unsqueeze(0) for i in range(n)]
 
 
@@ -1111,8 +1115,14 @@ def check_args(args: argparse.Namespace) -> None:
             args.skip_layers = [int(s) for s in args.skip_layers.split(",") if s.strip()]
         except ValueError:
             raise UserError(f"--skip-layers takes comma-separated layer numbers such as 3,5,7; got {args.skip_layers!r}.") from None
-    if args.calib is not None and not Path(args.calib).is_file():
-        raise UserError(f"No calibration file at {args.calib}; pass an existing text file to --calib.")
+    args.calib_texts = None  # None: the built-in text
+    if args.calib is not None:
+        if not Path(args.calib).is_file():
+            raise UserError(f"No calibration file at {args.calib}; pass an existing text file to --calib.")
+        try:
+            args.calib_texts = [Path(args.calib).read_text(encoding="utf-8")]
+        except UnicodeDecodeError:
+            raise UserError(f"{args.calib} is not UTF-8 text; pass a plain text file to --calib.") from None
     if args.device != "auto":
         try:
             device = torch.device(args.device)
@@ -1148,6 +1158,24 @@ class TextStream:
         self.printed = text
 
 
+def choose_draft(args: argparse.Namespace, model: nn.Module, tokenizer, sampling: Sampling, log: Callable[[str], None]) -> tuple[list[float] | None, list[int], int]:
+    """(FIT scores or None, skip_layers, draft_len) as the command line asks: explicit layers,
+    a fixed prune ratio, or the automatic plan (draft_len 0: decode plainly)."""
+    fit = None
+    if args.skip_layers is None:
+        fit = cached_fit_scores(model, tokenizer, args.calib_texts, model_name=args.model, log=log)
+    if args.skip_layers is not None or args.prune_ratio != "auto":
+        try:
+            skip_layers = check_skip_layers(args.skip_layers if fit is None else select_skipped_layers(fit, args.prune_ratio), num_decoder_layers(model))
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        return fit, skip_layers, 4 if args.draft_len == "auto" else args.draft_len
+    draft_lens = range(1, 9) if args.draft_len == "auto" else [args.draft_len]
+    plan = plan_draft(model, tokenizer, fit, sampling=sampling, texts=args.calib_texts, draft_lens=draft_lens)
+    log(f"auto draft: {plan.summary()}")
+    return fit, plan.skip_layers, plan.draft_len
+
+
 def run(args: argparse.Namespace) -> None:
     log = lambda message: print(f"[sdfp] {message}", file=sys.stderr)  # noqa: E731
     check_args(args)
@@ -1164,21 +1192,10 @@ def run(args: argparse.Namespace) -> None:
             log(f"--max-new-tokens lowered to {args.max_new_tokens} to fit the context of {context} tokens")
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    fit = None
-    if args.skip_layers is None:
-        texts = None if args.calib is None else [Path(args.calib).read_text(encoding="utf-8")]
-        fit = cached_fit_scores(model, tokenizer, texts, model_name=args.model, log=log)
-    if args.skip_layers is not None or args.prune_ratio != "auto":
-        try:
-            skip_layers = check_skip_layers(args.skip_layers if fit is None else select_skipped_layers(fit, args.prune_ratio), num_layers)
-        except ValueError as error:
-            raise UserError(str(error)) from None
-        draft_len = 4 if args.draft_len == "auto" else args.draft_len
-    else:
-        draft_lens = range(1, 9) if args.draft_len == "auto" else [args.draft_len]
-        plan = plan_draft(model, tokenizer, fit, sampling=sampling, texts=texts, draft_lens=draft_lens)
-        log(f"auto draft: {plan.summary()}")
-        skip_layers, draft_len = plan.skip_layers, plan.draft_len
+    try:
+        fit, skip_layers, draft_len = choose_draft(args, model, tokenizer, sampling, log)
+    except CalibrationTooShort as error:
+        raise UserError(str(error).replace("a longer text", "a longer text to --calib")) from None
     if draft_len:
         log(f"draft skips layers {skip_layers} of {num_layers} (γ = {draft_len})")
 

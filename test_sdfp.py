@@ -886,6 +886,17 @@ def test_cli_bad_input_exits_2_with_one_line(tiny_folder, tmp_path, monkeypatch,
     assert len(lines) == 1 and message in lines[0], lines
 
 
+def test_cli_bad_calibration_file_exits_2_with_one_line(tiny_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SDFP_CACHE_DIR", str(tmp_path))
+    (tmp_path / "short.txt").write_text("a few words")  # 11 tokens; FIT needs the tiny model's context, 64
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 not text")
+    for name, message in [("short.txt", "holds 11 tokens, fewer than the 64 needed; pass a longer text to --calib."), ("binary.txt", "not UTF-8")]:
+        argv = ["--model", str(tiny_folder), "--prompt", "hello", "--max-new-tokens", "5", "--device", "cpu", "--calib", str(tmp_path / name)]
+        assert sdfp.main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], lines
+
+
 def test_load_model_maps_hub_errors(monkeypatch):
     from huggingface_hub.errors import RepositoryNotFoundError
     import transformers
