@@ -955,6 +955,8 @@ def plan_draft(
 def export_draft(model: nn.Module, tokenizer, skip_layers: Sequence[int], out_dir: str | os.PathLike, *, fit: Sequence[float] | None = None, source: str = "", force: bool = False) -> int:
     """Write the draft to out_dir as a Hugging Face checkpoint. Returns its size in bytes."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; choose an empty folder.")
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} is not empty; choose an empty folder or pass --force to overwrite.")
     num_layers = num_decoder_layers(model)
@@ -1023,6 +1025,8 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         raise UserError(f"The hub model {path} is gated; accept its license on the hub and log in with `hf auth login`.") from None
     except RepositoryNotFoundError:
         raise UserError(f"There is no model {path} on the Hugging Face hub; check the name or pass a local folder.") from None
+    except ValueError as error:  # e.g. an encoder-decoder such as T5: no causal-LM class for its config
+        raise UserError(f"transformers cannot load {path} as a causal language model ({str(error).splitlines()[0]}); pass a decoder-only model such as Llama, Qwen2 or GPT-2.") from None
     except OSError as error:
         if Path(path).is_dir():
             raise UserError(f"{path} is not a Hugging Face model folder (config.json, weights and tokenizer): {error}".splitlines()[0]) from None
@@ -1181,7 +1185,10 @@ def run(args: argparse.Namespace) -> None:
     check_args(args)
     device, dtype = pick_device_and_dtype(args)
     model, tokenizer = load_model(args.model, device, dtype)
-    num_layers = num_decoder_layers(model)
+    try:
+        num_layers = num_decoder_layers(model)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     input_ids = tokenizer(args.prompt, return_tensors="pt", verbose=False)["input_ids"]
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if context is not None:

@@ -897,6 +897,15 @@ def test_cli_bad_calibration_file_exits_2_with_one_line(tiny_folder, tmp_path, m
         assert len(lines) == 1 and message in lines[0], lines
 
 
+def test_load_model_refuses_a_model_that_is_not_a_causal_lm(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)).save_pretrained(tmp_path)
+    char_tokenizer_fast("abc").save_pretrained(tmp_path)
+    with pytest.raises(sdfp.UserError, match="cannot load .* as a causal language model .*; pass a decoder-only model"):
+        sdfp.load_model(str(tmp_path))
+
+
 def test_load_model_maps_hub_errors(monkeypatch):
     from huggingface_hub.errors import RepositoryNotFoundError
     import transformers
@@ -957,6 +966,9 @@ def test_export_refuses_a_non_empty_folder_unless_forced(tmp_path):
         sdfp.export_draft(tiny_model("llama"), None, [1], tmp_path)
     sdfp.export_draft(tiny_model("llama"), None, [1], tmp_path, force=True)
     assert (tmp_path / "config.json").exists()
+    with pytest.raises(FileExistsError, match="is a file"):  # not even --force writes over a file
+        sdfp.export_draft(tiny_model("llama"), None, [1], tmp_path / "keep.txt", force=True)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
 def test_cli_export_draft(tiny_folder, tmp_path):
