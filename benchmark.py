@@ -215,19 +215,12 @@ def benchmark_model(args, model_path: str) -> list[dict]:
     model, tokenizer = sdfp.load_model(model_path, device, getattr(torch, args.dtype))
     sampling = sdfp.Sampling(args.temperature, args.top_k, args.top_p)
     name = Path(model_path).name
-    fit = sdfp.cached_fit_scores(model, tokenizer, None, model_name=model_path, log=lambda m: print(f"[{name}] {m}", file=sys.stderr))
+    log = lambda message: print(f"[{name}] {message}", file=sys.stderr)  # noqa: E731
+    fit = sdfp.cached_fit_scores(model, tokenizer, None, model_name=model_path, log=log)
     num_layers = len(fit)
     t0 = time.perf_counter()
-    if args.skip_layers:
-        skip, draft_len, how = [int(x) for x in args.skip_layers.split(",")], int(args.draft_len if args.draft_len != "auto" else 4), "fixed"
-    elif args.prune_ratio == "auto":
-        draft_lens = range(1, 9) if args.draft_len == "auto" else [int(args.draft_len)]
-        plan = sdfp.plan_draft(model, tokenizer, fit, sampling=sampling, draft_lens=draft_lens)
-        print(f"[{name}] auto draft: {plan.summary()}", file=sys.stderr)
-        skip, draft_len, how = plan.skip_layers, plan.draft_len, "auto"
-    else:
-        skip = sdfp.select_skipped_layers(fit, float(args.prune_ratio))
-        draft_len, how = (4 if args.draft_len == "auto" else int(args.draft_len)), "fixed"
+    skip, draft_len = sdfp.choose_draft(model, tokenizer, fit, args, texts=None, log=log)  # as sdfp.py's command line does
+    how = "auto" if args.skip_layers is None and args.prune_ratio == "auto" else "fixed"
     plan_seconds = time.perf_counter() - t0
 
     methods = {"plain": ours([], 0), "sdfp": ours(skip, draft_len)}
@@ -364,8 +357,8 @@ def rankings_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv) -> argparse.Namespace:
+    ap = sdfp.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", nargs="+", required=True, help="one or more local folders or hub ids")
     ap.add_argument("--task", nargs="+", choices=TASKS + ("all",), default=["tinystories"], help="one or more tasks, or all")
     ap.add_argument("--n", type=int, default=20, help="prompts per task")
@@ -383,15 +376,18 @@ def main(argv=None) -> int:
     ap.add_argument("--gamma", type=int, default=3, help="draft length for --rankings")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: its own choice)")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--json", default=None, metavar="FILE")
     args = ap.parse_args(argv)
-    if args.repeats < 1 or args.n < 1 or (args.threads is not None and args.threads < 1):
-        ap.error("--n, --repeats and --threads must be at least 1.")
+    if min(args.n, args.repeats, args.gamma, args.threads or 1) < 1:
+        raise sdfp.UserError("--n, --repeats, --gamma and --threads must be at least 1.")
+    sdfp.check_decoding_args(args)
     if not (SHARED_DATA / "tinystories").is_dir():
-        print(f"benchmark.py needs the shared data in {SHARED_DATA}; it is absent.", file=sys.stderr)
-        return 2
+        raise sdfp.UserError(f"benchmark.py reads its prompts from {SHARED_DATA}, which is absent; put the project's shared data there.")
+    return args
 
+
+def run_benchmarks(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     machine = describe_machine(args.device)
@@ -403,6 +399,14 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(dict(machine=machine, argv=sys.argv, rows=rows), indent=1))
     return 0
+
+
+def main(argv=None) -> int:
+    try:
+        return run_benchmarks(parse_args(argv))
+    except sdfp.UserError as error:  # a mistake in the options, a missing model or data: one line, exit code 2
+        print(f"benchmark.py: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

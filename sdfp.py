@@ -1068,11 +1068,11 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, its mistakes raised as a UserError: one line and exit code 2, like ours."""
 
     def error(self, message: str):
-        raise UserError(f"{message}; see python sdfp.py --help.")
+        raise UserError(f"{message}; see python {self.prog} --help.")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = ArgumentParser(description="Self-speculative decoding with a FIT-pruned draft (SDFP).")
+    ap = ArgumentParser(prog="sdfp.py", description="Self-speculative decoding with a FIT-pruned draft (SDFP).")
     ap.add_argument("--model", required=True, help="hub id, local folder, or the alias TinyLlama")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -1096,6 +1096,20 @@ def check_args(args: argparse.Namespace) -> None:
     """Everything we can check before loading a model; raises UserError."""
     if not args.prompt.strip():
         raise UserError("The prompt is empty; pass some text with --prompt.")
+    check_decoding_args(args)
+    args.calib_texts = None  # None: the built-in text
+    if args.calib is not None:
+        if not Path(args.calib).is_file():
+            raise UserError(f"No calibration file at {args.calib}; pass an existing text file to --calib.")
+        try:
+            args.calib_texts = [Path(args.calib).read_text(encoding="utf-8")]
+        except UnicodeDecodeError:
+            raise UserError(f"{args.calib} is not UTF-8 text; pass a plain text file to --calib.") from None
+
+
+def check_decoding_args(args: argparse.Namespace) -> None:
+    """The options sdfp.py and benchmark.py share: token budget, draft, sampling, device.
+    Raises UserError; turns --draft-len, --prune-ratio and --skip-layers into numbers."""
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}.")
     if args.draft_len != "auto":
@@ -1119,14 +1133,6 @@ def check_args(args: argparse.Namespace) -> None:
             args.skip_layers = [int(s) for s in args.skip_layers.split(",") if s.strip()]
         except ValueError:
             raise UserError(f"--skip-layers takes comma-separated layer numbers such as 3,5,7; got {args.skip_layers!r}.") from None
-    args.calib_texts = None  # None: the built-in text
-    if args.calib is not None:
-        if not Path(args.calib).is_file():
-            raise UserError(f"No calibration file at {args.calib}; pass an existing text file to --calib.")
-        try:
-            args.calib_texts = [Path(args.calib).read_text(encoding="utf-8")]
-        except UnicodeDecodeError:
-            raise UserError(f"{args.calib} is not UTF-8 text; pass a plain text file to --calib.") from None
     if args.device != "auto":
         try:
             device = torch.device(args.device)
@@ -1162,22 +1168,20 @@ class TextStream:
         self.printed = text
 
 
-def choose_draft(args: argparse.Namespace, model: nn.Module, tokenizer, sampling: Sampling, log: Callable[[str], None]) -> tuple[list[float] | None, list[int], int]:
-    """(FIT scores or None, skip_layers, draft_len) as the command line asks: explicit layers,
-    a fixed prune ratio, or the automatic plan (draft_len 0: decode plainly)."""
-    fit = None
-    if args.skip_layers is None:
-        fit = cached_fit_scores(model, tokenizer, args.calib_texts, model_name=args.model, log=log)
+def choose_draft(model: nn.Module, tokenizer, fit: Sequence[float] | None, args: argparse.Namespace, *, texts: Sequence[str] | None, log: Callable[[str], None]) -> tuple[list[int], int]:
+    """(skip_layers, draft_len) as the options ask: --skip-layers, the lowest-FIT layers at a
+    fixed --prune-ratio, or the automatic plan (draft_len 0: decode plainly). `fit` may be
+    None only with --skip-layers; γ is 4 unless --draft-len or the plan sets it."""
     if args.skip_layers is not None or args.prune_ratio != "auto":
         try:
-            skip_layers = check_skip_layers(args.skip_layers if fit is None else select_skipped_layers(fit, args.prune_ratio), num_decoder_layers(model))
+            skip_layers = check_skip_layers(args.skip_layers if args.skip_layers is not None else select_skipped_layers(fit, args.prune_ratio), num_decoder_layers(model))
         except ValueError as error:
             raise UserError(str(error)) from None
-        return fit, skip_layers, 4 if args.draft_len == "auto" else args.draft_len
+        return skip_layers, 4 if args.draft_len == "auto" else args.draft_len
     draft_lens = range(1, 9) if args.draft_len == "auto" else [args.draft_len]
-    plan = plan_draft(model, tokenizer, fit, sampling=sampling, texts=args.calib_texts, draft_lens=draft_lens)
+    plan = plan_draft(model, tokenizer, fit, sampling=Sampling(args.temperature, args.top_k, args.top_p), texts=texts, draft_lens=draft_lens)
     log(f"auto draft: {plan.summary()}")
-    return fit, plan.skip_layers, plan.draft_len
+    return plan.skip_layers, plan.draft_len
 
 
 def run(args: argparse.Namespace) -> None:
@@ -1198,9 +1202,9 @@ def run(args: argparse.Namespace) -> None:
             args.max_new_tokens = context - input_ids.shape[1]
             log(f"--max-new-tokens lowered to {args.max_new_tokens} to fit the context of {context} tokens")
 
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
     try:
-        fit, skip_layers, draft_len = choose_draft(args, model, tokenizer, sampling, log)
+        fit = None if args.skip_layers is not None else cached_fit_scores(model, tokenizer, args.calib_texts, model_name=args.model, log=log)
+        skip_layers, draft_len = choose_draft(model, tokenizer, fit, args, texts=args.calib_texts, log=log)
     except CalibrationTooShort as error:
         raise UserError(str(error).replace("a longer text", "a longer text to --calib")) from None
     if draft_len:

@@ -798,6 +798,18 @@ def test_benchmark_runs_both_methods_side_by_side_and_reports_the_closed_form(tm
     assert spec["speedup"] == pytest.approx(spec["tok_s"] / plain["tok_s"])  # the same tokens in less time
 
 
+@pytest.mark.parametrize(
+    "extra,message",
+    [(["--prune-ratio", "2"], "--prune-ratio"), (["--skip-layers", "x"], "--skip-layers"), (["--n", "0"], "--n"), (["--dtype", "x"], "--dtype")],
+)
+def test_benchmark_bad_input_exits_2_with_one_line(capsys, extra, message):
+    import benchmark
+
+    assert benchmark.main(["--model", "never-loaded", *extra]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("benchmark.py: error:") and message in lines[0], lines
+
+
 def lowest_fit_layer(model_path):
     """[the lowest-FIT layer]: what --prune-ratio 0.2 skips of 5 layers."""
     model, tokenizer = sdfp.load_model(str(model_path))
