@@ -379,7 +379,7 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--json", default=None, metavar="FILE")
     args = ap.parse_args(argv)
-    if min(args.n, args.repeats, args.gamma, args.threads or 1) < 1:
+    if min(args.n, args.repeats, args.gamma, 1 if args.threads is None else args.threads) < 1:
         raise sdfp.UserError("--n, --repeats, --gamma and --threads must be at least 1.")
     sdfp.check_decoding_args(args)
     if not (SHARED_DATA / "tinystories").is_dir():

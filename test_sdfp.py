@@ -800,7 +800,7 @@ def test_benchmark_runs_both_methods_side_by_side_and_reports_the_closed_form(tm
 
 @pytest.mark.parametrize(
     "extra,message",
-    [(["--prune-ratio", "2"], "--prune-ratio"), (["--skip-layers", "x"], "--skip-layers"), (["--n", "0"], "--n"), (["--dtype", "x"], "--dtype")],
+    [(["--prune-ratio", "2"], "--prune-ratio"), (["--skip-layers", "x"], "--skip-layers"), (["--threads", "0"], "--threads"), (["--dtype", "x"], "--dtype")],
 )
 def test_benchmark_bad_input_exits_2_with_one_line(capsys, extra, message):
     import benchmark
