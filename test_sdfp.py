@@ -909,6 +909,21 @@ def test_cli_bad_calibration_file_exits_2_with_one_line(tiny_folder, tmp_path, m
         assert len(lines) == 1 and message in lines[0], lines
 
 
+def test_cli_model_without_one_list_of_decoder_layers_exits_2_with_one_line(tiny_folder, tmp_path, monkeypatch, capsys):
+    real_load_model = sdfp.load_model
+
+    def load_model_whose_layers_are_not_one_list(*args, **kwargs):
+        model, tokenizer = real_load_model(*args, **kwargs)
+        model.config.num_hidden_layers = 99  # no ModuleList holds 99 layers
+        return model, tokenizer
+
+    monkeypatch.setattr(sdfp, "load_model", load_model_whose_layers_are_not_one_list)
+    monkeypatch.setenv("SDFP_CACHE_DIR", str(tmp_path))
+    assert sdfp.main(["--model", str(tiny_folder), "--prompt", "hello", "--device", "cpu"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "keeps no ModuleList of its 99 decoder layers" in lines[0], lines
+
+
 def test_load_model_refuses_a_model_that_is_not_a_causal_lm(tmp_path):
     from transformers import T5Config, T5ForConditionalGeneration
 
