@@ -887,7 +887,9 @@ def plan_draft(
     """
     t0 = time.perf_counter()
     device = next(model.parameters()).device
-    num_layers = len(fit)
+    num_layers = num_decoder_layers(model)
+    if len(fit) != num_layers:
+        raise ValueError(f"fit holds {len(fit)} scores but the model has {num_layers} decoder layers; compute them for this model with fit_scores.")
     context = getattr(model.config.get_text_config(), "max_position_embeddings", 4096)
 
     # time draft and verify on top of a context of a few hundred tokens, as in use: the

@@ -675,6 +675,8 @@ def test_plan_draft_skips_planted_identity_layers_and_declines_when_speculation_
     plain = sdfp.plan_draft(model, tokenizer, fit, min_speedup=1e6, **settings)
     assert (plain.skip_layers, plain.draft_len) == ([], 0)
     assert "decoding plainly" in plain.summary() and "1000000.00x" in plain.summary()
+    with pytest.raises(ValueError, match="fit holds 5 scores but the model has 6 decoder layers"):  # another model's scores
+        sdfp.plan_draft(model, tokenizer, fit[:5], **settings)
 
 
 def test_plan_draft_does_not_measure_drafts_that_could_not_pay_even_if_always_accepted(monkeypatch):
