@@ -1016,19 +1016,26 @@ def resolve_model_name(name: str) -> str:
 
 def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """Load (model, tokenizer) from a local folder or the Hugging Face hub, in eval mode."""
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_name(name)
+    tokenizer = from_pretrained(AutoTokenizer, path, f"a tokenizer from {path}", "pass a folder that holds the model's tokenizer files")
+    model = from_pretrained(AutoModelForCausalLM, path, f"{path} as a causal language model", "pass a decoder-only model such as Llama, Qwen2 or GPT-2", dtype=dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def from_pretrained(auto_class, path: str, what: str, fix: str, **kwargs):
+    """auto_class.from_pretrained(path), with whatever the user can fix raised as a UserError."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return auto_class.from_pretrained(path, **kwargs)
     except GatedRepoError:
         raise UserError(f"The hub model {path} is gated; accept its license on the hub and log in with `hf auth login`.") from None
     except RepositoryNotFoundError:
         raise UserError(f"There is no model {path} on the Hugging Face hub; check the name or pass a local folder.") from None
-    except ValueError as error:  # e.g. an encoder-decoder such as T5: no causal-LM class for its config
-        raise UserError(f"transformers cannot load {path} as a causal language model ({str(error).splitlines()[0]}); pass a decoder-only model such as Llama, Qwen2 or GPT-2.") from None
+    except ValueError as error:  # a folder transformers cannot use: no tokenizer files, or a config with no causal-LM class (T5)
+        raise UserError(f"transformers cannot load {what} ({str(error).splitlines()[0]}); {fix}.") from None
     except OSError as error:
         if Path(path).is_dir():
             raise UserError(f"{path} is not a Hugging Face model folder (config.json, weights and tokenizer): {error}".splitlines()[0]) from None
@@ -1036,7 +1043,6 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
             f"Could not reach the Hugging Face hub for {path} and it is not in the local cache; "
             "connect once to download it, or pass a local folder such as ../shared/models/stories260K."
         ) from None
-    return model.to(device).eval(), tokenizer
 
 
 def model_fingerprint(model: nn.Module) -> str:

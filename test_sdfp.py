@@ -13,6 +13,7 @@ import contextlib
 import functools
 import itertools
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -932,6 +933,14 @@ def test_load_model_refuses_a_model_that_is_not_a_causal_lm(tmp_path):
     T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)).save_pretrained(tmp_path)
     char_tokenizer_fast("abc").save_pretrained(tmp_path)
     with pytest.raises(sdfp.UserError, match="cannot load .* as a causal language model .*; pass a decoder-only model"):
+        sdfp.load_model(str(tmp_path))
+
+
+def test_load_model_says_when_the_tokenizer_is_what_is_missing(tiny_folder, tmp_path):
+    for file in tiny_folder.iterdir():  # the model without its tokenizer files
+        if not file.name.startswith("tokenizer"):
+            shutil.copy(file, tmp_path)
+    with pytest.raises(sdfp.UserError, match="cannot load a tokenizer from .*; pass a folder that holds the model's tokenizer files"):
         sdfp.load_model(str(tmp_path))
 
 
