@@ -388,13 +388,17 @@ def parse_args(argv) -> argparse.Namespace:
 
 
 def run_benchmarks(args: argparse.Namespace) -> int:
+    threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    machine = describe_machine(args.device)
-    print(f"machine: {machine}\ncommand: python {' '.join(sys.argv)}\n")
-    rows = []
-    for model_path in args.model:
-        rows += rankings(args, model_path) if args.rankings else benchmark_model(args, model_path)
+    try:
+        machine = describe_machine(args.device)
+        print(f"machine: {machine}\ncommand: python {' '.join(sys.argv)}\n")
+        rows = []
+        for model_path in args.model:
+            rows += rankings(args, model_path) if args.rankings else benchmark_model(args, model_path)
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting, as it was
     print(rankings_markdown(rows) if args.rankings else markdown(rows), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(machine=machine, argv=sys.argv, rows=rows), indent=1))

@@ -1252,18 +1252,40 @@ def run(args: argparse.Namespace) -> None:
             log(f"greedy outputs token-identical: {'yes' if same else 'NO'}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from huggingface_hub.utils import logging as hub_logging
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Inside the block, stderr is kept for our own lines: transformers and the hub print
+    errors only (no library warnings, no "Retrying in 1s" while the hub is unreachable) and
+    transformers draws no weight-loading bar. The hub's download bars stay as they were: a
+    first run of --model TinyLlama fetches 2 GB. Afterwards every setting is put back."""
+    import huggingface_hub.utils as hub_utils
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # keep stderr for our own lines: no loading bars,
-    hf_logging.set_verbosity_error()  # no library warnings,
-    hub_logging.set_verbosity_error()  # no "Retrying in 1s" lines while the hub is unreachable
+    verbosity = hf_logging.get_verbosity(), hub_utils.logging.get_verbosity()
+    loading_bars, download_bars = hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    hf_logging.set_verbosity_error()
+    hub_utils.logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # this switches the hub's bars off too ...
+    if download_bars:
+        hub_utils.enable_progress_bars()  # ... so switch those back on
     try:
-        run(parse_args(argv))
-    except UserError as error:
-        print(f"sdfp: error: {error}", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity[0])
+        hub_utils.logging.set_verbosity(verbosity[1])
+        if loading_bars:
+            hf_logging.enable_progress_bar()  # (and the hub's)
+        if not download_bars:
+            hub_utils.disable_progress_bars()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    with quiet_libraries():
+        try:
+            run(parse_args(argv))
+        except UserError as error:
+            print(f"sdfp: error: {error}", file=sys.stderr)
+            return 2
     return 0
 
 

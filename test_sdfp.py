@@ -927,6 +927,47 @@ def test_cli_model_without_one_list_of_decoder_layers_exits_2_with_one_line(tiny
     assert len(lines) == 1 and "keeps no ModuleList of its 99 decoder layers" in lines[0], lines
 
 
+def test_main_keeps_stderr_quiet_inside_and_puts_library_settings_back(monkeypatch):
+    """sdfp.main mutes transformers' warnings and weight-loading bar while it runs, keeps the
+    hub's download bars, and leaves every setting as it found it, also after an error."""
+    import logging
+
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    inside = []
+
+    def record_settings_then_fail(args):
+        inside.append((hf_logging.get_verbosity(), hub_utils.logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()))
+        raise sdfp.UserError("stop here")
+
+    monkeypatch.setattr(sdfp, "run", record_settings_then_fail)
+    saved = hf_logging.get_verbosity(), hub_utils.logging.get_verbosity()
+    try:
+        hf_logging.set_verbosity_info()  # not the defaults, so that a reset to them would show
+        hub_utils.logging.set_verbosity_info()
+        hf_logging.enable_progress_bar()
+        assert sdfp.main(["--model", "m", "--prompt", "p"]) == 2
+        assert inside == [(logging.ERROR, logging.ERROR, False, False)]
+        assert (hf_logging.get_verbosity(), hub_utils.logging.get_verbosity()) == (logging.INFO, logging.INFO)
+        assert hf_logging.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()
+    finally:
+        hf_logging.set_verbosity(saved[0])
+        hub_utils.logging.set_verbosity(saved[1])
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "tinystories").is_dir(), reason=f"{SHARED} is absent (benchmark.py reads its prompts there); skipping")
+def test_benchmark_runs_on_the_thread_count_asked_for_and_puts_the_callers_back(monkeypatch, capsys):
+    import benchmark
+
+    threads_seen = []
+    monkeypatch.setattr(benchmark, "benchmark_model", lambda args, model_path: threads_seen.append(torch.get_num_threads()) or [])
+    before = torch.get_num_threads()
+    asked = 2 if before == 1 else 1
+    assert benchmark.main(["--model", "never-loaded", "--threads", str(asked)]) == 0
+    assert threads_seen == [asked] and torch.get_num_threads() == before
+
+
 def test_load_model_refuses_a_model_that_is_not_a_causal_lm(tmp_path):
     from transformers import T5Config, T5ForConditionalGeneration
 
