@@ -220,7 +220,7 @@ def benchmark_model(args, model_path: str) -> list[dict]:
     num_layers = len(fit)
     t0 = time.perf_counter()
     skip, draft_len = sdfp.choose_draft(model, tokenizer, fit, args, texts=None, log=log)  # as sdfp.py's command line does
-    how = "auto" if args.skip_layers is None and args.prune_ratio == "auto" else "fixed"
+    how = "fixed" if sdfp.draft_is_fixed(args) else "auto"
     plan_seconds = time.perf_counter() - t0
 
     methods = {"plain": ours([], 0), "sdfp": ours(skip, draft_len)}

@@ -1176,11 +1176,17 @@ class TextStream:
         self.printed = text
 
 
+def draft_is_fixed(args: argparse.Namespace) -> bool:
+    """Whether the options fix the draft (--skip-layers, or a number for --prune-ratio)
+    rather than leave it to the automatic plan."""
+    return args.skip_layers is not None or args.prune_ratio != "auto"
+
+
 def choose_draft(model: nn.Module, tokenizer, fit: Sequence[float] | None, args: argparse.Namespace, *, texts: Sequence[str] | None, log: Callable[[str], None]) -> tuple[list[int], int]:
     """(skip_layers, draft_len) as the options ask: --skip-layers, the lowest-FIT layers at a
     fixed --prune-ratio, or the automatic plan (draft_len 0: decode plainly). `fit` may be
     None only with --skip-layers; γ is 4 unless --draft-len or the plan sets it."""
-    if args.skip_layers is not None or args.prune_ratio != "auto":
+    if draft_is_fixed(args):
         try:
             skip_layers = check_skip_layers(args.skip_layers if args.skip_layers is not None else select_skipped_layers(fit, args.prune_ratio), num_decoder_layers(model))
         except ValueError as error:
