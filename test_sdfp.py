@@ -942,18 +942,21 @@ def test_main_keeps_stderr_quiet_inside_and_puts_library_settings_back(monkeypat
         raise sdfp.UserError("stop here")
 
     monkeypatch.setattr(sdfp, "run", record_settings_then_fail)
-    saved = hf_logging.get_verbosity(), hub_utils.logging.get_verbosity()
+    saved = hf_logging.get_verbosity(), hub_utils.logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     try:
         hf_logging.set_verbosity_info()  # not the defaults, so that a reset to them would show
         hub_utils.logging.set_verbosity_info()
         hf_logging.enable_progress_bar()
+        download_bars_off = hub_utils.are_progress_bars_disabled()  # False, unless HF_HUB_DISABLE_PROGRESS_BARS=1 rules
         assert sdfp.main(["--model", "m", "--prompt", "p"]) == 2
-        assert inside == [(logging.ERROR, logging.ERROR, False, False)]
+        assert inside == [(logging.ERROR, logging.ERROR, False, download_bars_off)]
         assert (hf_logging.get_verbosity(), hub_utils.logging.get_verbosity()) == (logging.INFO, logging.INFO)
-        assert hf_logging.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()
-    finally:
+        assert hf_logging.is_progress_bar_enabled() and hub_utils.are_progress_bars_disabled() == download_bars_off
+    finally:  # the test, too, leaves the settings as it found them
         hf_logging.set_verbosity(saved[0])
         hub_utils.logging.set_verbosity(saved[1])
+        if not saved[2]:
+            hf_logging.disable_progress_bar()
 
 
 @pytest.mark.skipif(not (SHARED / "data" / "tinystories").is_dir(), reason=f"{SHARED} is absent (benchmark.py reads its prompts there); skipping")
