@@ -315,7 +315,8 @@ def rankings(args, model_path: str) -> list[dict]:
     calib = sdfp.calibration_batches(tokenizer, None, 256, 1)[0].to(args.device)
     held_out = tokenizer(" ".join(tinystories_prompts(tokenizer, 60, 10_000)[40:]), return_tensors="pt", verbose=False)["input_ids"][:, :256].to(args.device)
     bi = block_influence(model, calib)
-    lowest = lambda scores, k: sorted(sorted(range(num_layers), key=lambda l: (scores[l], l))[:k])  # noqa: E731
+    # the k lowest-scoring layers, by the very rule sdfp.py's FIT draft uses (ties to the lower index)
+    lowest = lambda scores, k: sdfp.select_skipped_layers(scores, k / num_layers)  # noqa: E731
     prompts = tinystories_prompts(tokenizer, args.n, model.config.max_position_embeddings - args.max_new_tokens)
     sampling = sdfp.Sampling(args.temperature, args.top_k, args.top_p)
     p_target = sdfp.teacher_forced_probs(model, held_out, [], sampling)  # once: every ranking is compared with it
