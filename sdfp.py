@@ -1267,22 +1267,26 @@ def quiet_libraries() -> Iterator[None]:
     import huggingface_hub.utils as hub_utils
     from transformers.utils import logging as hf_logging
 
+    # The hub keeps its download-bar switches in one dict, {"_global" or a group name: on?};
+    # switching the bars globally on or off clears it, so we copy it and put the copy back.
+    download_bar_switches = sys.modules["huggingface_hub.utils.tqdm"].progress_bar_states
+    saved_switches = dict(download_bar_switches)
     verbosity = hf_logging.get_verbosity(), hub_utils.logging.get_verbosity()
-    loading_bars, download_bars = hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    loading_bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hub_utils.logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # this switches the hub's bars off too ...
-    if download_bars:
-        hub_utils.enable_progress_bars()  # ... so switch those back on
+    download_bar_switches.clear()
+    download_bar_switches.update(saved_switches)  # ... so put those back as they were
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity[0])
         hub_utils.logging.set_verbosity(verbosity[1])
         if loading_bars:
-            hf_logging.enable_progress_bar()  # (and the hub's)
-        if not download_bars:
-            hub_utils.disable_progress_bars()
+            hf_logging.enable_progress_bar()  # (this clears the hub's dict again)
+        download_bar_switches.clear()
+        download_bar_switches.update(saved_switches)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -929,16 +929,23 @@ def test_cli_model_without_one_list_of_decoder_layers_exits_2_with_one_line(tiny
 
 def test_main_keeps_stderr_quiet_inside_and_puts_library_settings_back(monkeypatch):
     """sdfp.main mutes transformers' warnings and weight-loading bar while it runs, keeps the
-    hub's download bars, and leaves every setting as it found it, also after an error."""
+    hub's download bars (also one group's own switch), and leaves every setting as it found
+    it, also after an error."""
     import logging
+    import sys
 
     import huggingface_hub.utils as hub_utils
     from transformers.utils import logging as hf_logging
 
+    # The hub's switches live in one module-level dict; the test works on a copy of it.
+    hub_tqdm = sys.modules["huggingface_hub.utils.tqdm"]
+    monkeypatch.setattr(hub_tqdm, "progress_bar_states", dict(hub_tqdm.progress_bar_states))
+    group = "huggingface_hub.sdfp_test_group"
     inside = []
 
     def record_settings_then_fail(args):
-        inside.append((hf_logging.get_verbosity(), hub_utils.logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()))
+        download_bars_off = hub_utils.are_progress_bars_disabled(), hub_utils.are_progress_bars_disabled(group)
+        inside.append((hf_logging.get_verbosity(), hub_utils.logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), download_bars_off))
         raise sdfp.UserError("stop here")
 
     monkeypatch.setattr(sdfp, "run", record_settings_then_fail)
@@ -947,11 +954,14 @@ def test_main_keeps_stderr_quiet_inside_and_puts_library_settings_back(monkeypat
         hf_logging.set_verbosity_info()  # not the defaults, so that a reset to them would show
         hub_utils.logging.set_verbosity_info()
         hf_logging.enable_progress_bar()
-        download_bars_off = hub_utils.are_progress_bars_disabled()  # False, unless HF_HUB_DISABLE_PROGRESS_BARS=1 rules
+        hub_utils.disable_progress_bars(group)  # one group off, the rest on
+        # (False, True), unless the environment variable HF_HUB_DISABLE_PROGRESS_BARS rules
+        download_bars_off = hub_utils.are_progress_bars_disabled(), hub_utils.are_progress_bars_disabled(group)
         assert sdfp.main(["--model", "m", "--prompt", "p"]) == 2
         assert inside == [(logging.ERROR, logging.ERROR, False, download_bars_off)]
         assert (hf_logging.get_verbosity(), hub_utils.logging.get_verbosity()) == (logging.INFO, logging.INFO)
-        assert hf_logging.is_progress_bar_enabled() and hub_utils.are_progress_bars_disabled() == download_bars_off
+        assert hf_logging.is_progress_bar_enabled()
+        assert (hub_utils.are_progress_bars_disabled(), hub_utils.are_progress_bars_disabled(group)) == download_bars_off
     finally:  # the test, too, leaves the settings as it found them
         hf_logging.set_verbosity(saved[0])
         hub_utils.logging.set_verbosity(saved[1])
