@@ -932,7 +932,6 @@ def test_main_keeps_stderr_quiet_inside_and_puts_library_settings_back(monkeypat
     hub's download bars (also one group's own switch), and leaves every setting as it found
     it, also after an error."""
     import logging
-    import sys
 
     import huggingface_hub.utils as hub_utils
     from transformers.utils import logging as hf_logging
