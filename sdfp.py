@@ -158,7 +158,12 @@ class FisherTable:
 
 
 class CalibrationTooShort(ValueError):
-    """The calibration text holds fewer tokens than one piece needs."""
+    """The calibration text holds fewer tokens than one piece needs. `problem` says so
+    without the advice, for a caller that knows the better fix (the CLI names --calib)."""
+
+    def __init__(self, problem: str):
+        super().__init__(f"{problem}; pass a longer text.")
+        self.problem = problem
 
 
 def calibration_batches(tokenizer, texts: Sequence[str] | None, seq_len: int, max_sequences: int) -> list[torch.Tensor]:
@@ -171,7 +176,7 @@ def calibration_batches(tokenizer, texts: Sequence[str] | None, seq_len: int, ma
             break
     n = min(max_sequences, len(ids) // seq_len)
     if n == 0:
-        raise CalibrationTooShort(f"The calibration text holds {len(ids)} tokens, fewer than the {seq_len} needed; pass a longer text.")
+        raise CalibrationTooShort(f"The calibration text holds {len(ids)} tokens, fewer than the {seq_len} needed")
     return [torch.tensor(ids[i * seq_len : (i + 1) * seq_len]).unsqueeze(0) for i in range(n)]
 
 
@@ -1220,7 +1225,7 @@ def run(args: argparse.Namespace) -> None:
         fit = None if args.skip_layers is not None else cached_fit_scores(model, tokenizer, args.calib_texts, model_name=args.model, log=log)
         skip_layers, draft_len = choose_draft(model, tokenizer, fit, args, texts=args.calib_texts, log=log)
     except CalibrationTooShort as error:
-        raise UserError(str(error).replace("a longer text", "a longer text to --calib")) from None
+        raise UserError(f"{error.problem}; pass a longer text to --calib.") from None
     if draft_len:
         log(f"draft skips layers {skip_layers} of {num_layers} (γ = {draft_len})")
 
