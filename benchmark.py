@@ -216,10 +216,10 @@ def benchmark_model(args, model_path: str) -> list[dict]:
     sampling = sdfp.Sampling(args.temperature, args.top_k, args.top_p)
     name = Path(model_path).name
     log = lambda message: print(f"[{name}] {message}", file=sys.stderr)  # noqa: E731
-    fit = sdfp.cached_fit_scores(model, tokenizer, None, model_name=model_path, log=log)
-    num_layers = len(fit)
+    rankings = sdfp.cached_rankings(model, tokenizer, None, model_name=model_path, log=log)
+    num_layers = sdfp.num_decoder_layers(model)
     t0 = time.perf_counter()
-    skip, draft_len = sdfp.choose_draft(model, tokenizer, fit, args, texts=None, log=log)  # as sdfp.py's command line does
+    skip, draft_len = sdfp.choose_draft(model, tokenizer, rankings, args, texts=None, log=log)  # as sdfp.py's command line does
     how = "fixed" if sdfp.draft_is_fixed(args) else "auto"
     plan_seconds = time.perf_counter() - t0
 
@@ -285,26 +285,6 @@ def markdown(rows: list[dict]) -> str:
 # Which layers to skip: FIT against the alternatives
 
 
-def block_influence(model, input_ids) -> list[float]:
-    """ShortGPT's Block Influence: 1 - mean_t cos(h_in_t, h_out_t) per decoder layer."""
-    layers = sdfp.decoder_layer_list(model)[2]
-    scores = [0.0] * len(layers)
-    hooks = []
-    for l, layer in enumerate(layers):
-        def hook(module, args, kwargs, output, l=l):
-            h_in = args[0] if args else kwargs["hidden_states"]
-            h_out = output[0] if isinstance(output, tuple) else output
-            scores[l] = 1 - torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1).mean().item()
-        hooks.append(layer.register_forward_hook(hook, with_kwargs=True))
-    try:
-        with torch.inference_mode():
-            model(input_ids=input_ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    return scores
-
-
 def rankings(args, model_path: str) -> list[dict]:
     """At equal numbers k of skipped layers: α (teacher-forced and in decoding) and speedup
     of the draft chosen by each ranking."""
@@ -312,9 +292,8 @@ def rankings(args, model_path: str) -> list[dict]:
     name = Path(model_path).name
     table = sdfp.fisher_table(model, tokenizer, progress=False)
     num_layers = table.num_layers
-    calib = sdfp.calibration_batches(tokenizer, None, 256, 1)[0].to(args.device)
     held_out = tokenizer(" ".join(tinystories_prompts(tokenizer, 60, 10_000)[40:]), return_tensors="pt", verbose=False)["input_ids"][:, :256].to(args.device)
-    bi = block_influence(model, calib)
+    bi = sdfp.block_influence(model, tokenizer)
     # the k lowest-scoring layers, by the very rule sdfp.py's FIT draft uses (ties to the lower index)
     lowest = lambda scores, k: sdfp.select_skipped_layers(scores, k / num_layers)  # noqa: E731
     prompts = tinystories_prompts(tokenizer, args.n, model.config.max_position_embeddings - args.max_new_tokens)
@@ -372,6 +351,7 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--prune-ratio", default="auto")
     ap.add_argument("--draft-len", default="auto")
     ap.add_argument("--skip-layers", default=None)
+    ap.add_argument("--ranking", default="auto", choices=("auto",) + sdfp.RANKINGS)
     ap.add_argument("--hf", action="store_true", help="also time Hugging Face generate, plain and with the exported draft")
     ap.add_argument("--rankings", action="store_true", help="compare FIT with other ways to choose the skipped layers")
     ap.add_argument("--gamma", type=int, default=3, help="draft length for --rankings")

