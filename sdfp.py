@@ -340,8 +340,9 @@ def check_skip_layers(skip_layers: Sequence[int], num_layers: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def layer_skip(model: nn.Module, skip_layers: Sequence[int], cache=None) -> Iterator[object]:
-    """Within the block, `model` is its K kept layers; yields the draft's view of `cache`."""
+def layer_skip(model: nn.Module, skip_layers: Sequence[int], cache=None, head: DraftHead | None = None) -> Iterator[object]:
+    """Within the block, `model` is its K kept layers (and, given a `head`, scores only the
+    head's tokens); yields the draft's view of `cache`."""
     from transformers import Cache
 
     parent, attr, layers = decoder_layer_list(model)
@@ -355,7 +356,10 @@ def layer_skip(model: nn.Module, skip_layers: Sequence[int], cache=None) -> Iter
     # number (read from vars(): getattr on an nn.Module without the attribute is slow, and this
     # runs once per speculative step)
     renumber = [(m, vars(m)["layer_idx"], j) for j, l in enumerate(kept) for m in layers[l].modules() if isinstance(vars(m).get("layer_idx"), int)]
+    full_head = model.get_output_embeddings()
     try:
+        if head is not None:
+            model.set_output_embeddings(head.linear)
         setattr(parent, attr, nn.ModuleList([layers[l] for l in kept]))  # the same modules, no copies
         for module, _, new_index in renumber:
             module.layer_idx = new_index
@@ -364,11 +368,52 @@ def layer_skip(model: nn.Module, skip_layers: Sequence[int], cache=None) -> Iter
             config.layer_types = [saved_config["layer_types"][l] for l in kept]
         yield None if cache is None else Cache(layers=[cache.layers[l] for l in kept])
     finally:
+        model.set_output_embeddings(full_head)
         setattr(parent, attr, layers)
         for module, old_index, _ in renumber:
             module.layer_idx = old_index
         for key, value in saved_config.items():
             setattr(config, key, value)
+
+
+# A draft head over a token subset. Small LLMs spend much of a step in the LM head (Gemma 3
+# 270M: 168M of its 268M parameters), and a layer-skip draft pays all of it for every token.
+# The draft may instead score only N likely tokens: its q is then zero outside them, and
+# rejection sampling stays exact, since a token q never proposes gets its full probability
+# from the residual max(0, p - q). The price is acceptance: such a token is never accepted.
+
+
+@dataclasses.dataclass
+class DraftHead:
+    vocab: torch.Tensor  # (N,) the token ids the draft may propose
+    linear: nn.Linear  # the model's own LM head, its rows for those tokens
+    vocab_size: int  # the full vocabulary V
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., N) -> (..., V), -inf outside the subset: after softmax, q is 0 there."""
+        full = logits.new_full((*logits.shape[:-1], self.vocab_size), -math.inf)
+        return full.index_copy_(-1, self.vocab, logits)
+
+
+def draft_head(model: nn.Module, draft_vocab: torch.Tensor) -> DraftHead:
+    """Slice the model's LM head to `draft_vocab` (1-D, distinct ids), once per generation. The
+    model's own post-processing of logits (e.g. Gemma's final soft-cap) still applies."""
+    full = model.get_output_embeddings()
+    vocab_size = full.weight.shape[0]
+    ids = torch.as_tensor(draft_vocab)
+    if ids.dim() != 1 or len(ids) == 0 or ids.dtype.is_floating_point:
+        raise ValueError(f"draft_vocab must be a 1-D tensor of at least one token id; got shape {tuple(ids.shape)}.")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(f"draft_vocab holds an id outside this model's vocabulary 0..{vocab_size - 1}; got {int(ids.min())}..{int(ids.max())}.")
+    if len(ids.unique()) < len(ids):
+        raise ValueError(f"draft_vocab holds {len(ids) - len(ids.unique())} repeated ids; pass each id once.")
+    ids = ids.to(full.weight.device)
+    linear = nn.Linear(full.in_features, len(ids), bias=full.bias is not None, device=ids.device, dtype=full.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(full.weight[ids])
+        if full.bias is not None:
+            linear.bias.copy_(full.bias[ids])
+    return DraftHead(ids, linear, vocab_size)
 
 
 def new_cache(model: nn.Module):
@@ -504,6 +549,7 @@ def draft(
     n_draft: int,
     sampling: Sampling,
     generator: torch.Generator | None,
+    head: DraftHead | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Propose n_draft tokens with the layer-skip draft. Returns (tokens (γ,), q_draft (γ, V)).
 
@@ -513,10 +559,10 @@ def draft(
     start = cache_length(cache)
     tokens, q_rows = [], []
     token = last_token  # (1, 1)
-    with layer_skip(model, skip_layers, cache) as draft_cache:
+    with layer_skip(model, skip_layers, cache, head) as draft_cache:
         for _ in range(n_draft):
-            logits = model(input_ids=token, cache=draft_cache, use_cache=True).logits[0, -1]  # (V,)
-            q_draft = sampling_probs(logits, sampling)  # (V,)
+            logits = model(input_ids=token, cache=draft_cache, use_cache=True).logits[0, -1]  # (V,) or (N,)
+            q_draft = sampling_probs(logits if head is None else head.full_logits(logits), sampling)  # (V,)
             token = sample(q_draft, generator).view(1, 1)
             tokens.append(token.view(1))
             q_rows.append(q_draft)
@@ -567,6 +613,7 @@ def speculative_step(
     n_draft: int,
     sampling: Sampling,
     generator: torch.Generator | None,
+    head: DraftHead | None = None,
 ) -> StepResult:
     """Draft n_draft tokens, verify them in one forward, keep the accepted ones.
 
@@ -576,7 +623,7 @@ def speculative_step(
     if n_draft == 0:
         p_target = verify(model, cache, last_token, last_token.new_empty(0), sampling)  # (1, V)
         return StepResult([int(sample(p_target[0], generator))], 0, 0)
-    draft_tokens, q_draft = draft(model, cache, last_token, skip_layers, n_draft, sampling, generator)
+    draft_tokens, q_draft = draft(model, cache, last_token, skip_layers, n_draft, sampling, generator, head)
     p_target = verify(model, cache, last_token, draft_tokens, sampling)
     n_accepted, next_token = accept_or_resample(p_target, q_draft, draft_tokens, generator)
     # the cache now holds last_token and all γ drafts; keep last_token and the accepted ones
@@ -660,6 +707,7 @@ def _generate(
     eos_token_id: int | Sequence[int] | None,
     generator: torch.Generator | None,
     on_tokens: Callable[[list[int]], None] | None,
+    head: DraftHead | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """The one decoding loop: speculative when draft_len > 0, plain when draft_len == 0."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
@@ -679,7 +727,7 @@ def _generate(
     while len(new_tokens) < max_new_tokens:
         # never draft past the budget: a step emits at most n_draft + 1 tokens
         n_draft = min(draft_len, max_new_tokens - len(new_tokens) - 1)
-        step = speculative_step(model, cache, last_token, skip_layers, n_draft, sampling, generator)
+        step = speculative_step(model, cache, last_token, skip_layers, n_draft, sampling, generator, head)
         stats.record(step)
         tokens = step.tokens
         stop = next((i for i, t in enumerate(tokens) if t in eos), None)
@@ -710,19 +758,27 @@ def speculative_generate(
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     on_tokens: Callable[[list[int]], None] | None = None,
+    draft_vocab: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """Self-speculative decoding: the draft is `model` without `skip_layers`.
 
     input_ids: (1, T). Returns (the new tokens only, 1-D; stats). The output has exactly
     the distribution of `autoregressive_generate` with the same sampling settings, and is
     token-identical to it when temperature == 0. `on_tokens` receives each batch of newly
-    committed tokens (for streaming).
+    committed tokens (for streaming). `draft_vocab` (1-D token ids, or None for all) limits
+    what the draft proposes; the end-of-turn ids and the prompt's tokens are added to it.
     """
     if draft_len < 1:
         raise ValueError(f"The draft length must be at least 1; got {draft_len}.")
     check_skip_layers(skip_layers, num_decoder_layers(model))
     sampling = Sampling(temperature, top_k, top_p)
-    return _generate(model, input_ids, skip_layers, draft_len, max_new_tokens, sampling, eos_token_id, generator, on_tokens)
+    head = None
+    if draft_vocab is not None:
+        draft_head(model, draft_vocab)  # refuses a subset that is no set of token ids, as given
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        extra = torch.cat([input_ids.reshape(-1).cpu(), torch.tensor(eos, dtype=torch.long)])  # likely to come (back)
+        head = draft_head(model, torch.cat([torch.as_tensor(draft_vocab).cpu(), extra]).unique())
+    return _generate(model, input_ids, skip_layers, draft_len, max_new_tokens, sampling, eos_token_id, generator, on_tokens, head)
 
 
 def autoregressive_generate(
@@ -772,11 +828,21 @@ def expected_speedup(alpha: float, draft_len: int, cost_ratio: float, verify_cos
 
 
 @torch.inference_mode()
-def teacher_forced_probs(model: nn.Module, input_ids: torch.Tensor, skip_layers: Sequence[int], sampling: Sampling, first: int = 0) -> torch.Tensor:
-    """(B, T) texts -> (B, T - first, V): the processed next-token distribution at every
-    position t >= first, of the model without `skip_layers` ([]: the target's p)."""
+def teacher_forced_logits(model: nn.Module, input_ids: torch.Tensor, skip_layers: Sequence[int], first: int = 0) -> torch.Tensor:
+    """(B, T) texts -> (B, T - first, V): the next-token logits at every position t >= first,
+    of the model without `skip_layers` ([]: the target)."""
     with layer_skip(model, skip_layers):
-        return sampling_probs(model(input_ids=input_ids).logits[:, first:], sampling)
+        return model(input_ids=input_ids).logits[:, first:]
+
+
+def teacher_forced_probs(model: nn.Module, input_ids: torch.Tensor, skip_layers: Sequence[int], sampling: Sampling, first: int = 0) -> torch.Tensor:
+    """The same, processed: p (or q) at every position t >= first."""
+    return sampling_probs(teacher_forced_logits(model, input_ids, skip_layers, first), sampling)
+
+
+def restricted(logits: torch.Tensor, head: DraftHead | None) -> torch.Tensor:
+    """Full-head logits as a draft head over a subset would give them: -inf outside it."""
+    return logits if head is None else head.full_logits(logits.index_select(-1, head.vocab))
 
 
 def expected_acceptance(p_target: torch.Tensor, q_draft: torch.Tensor) -> float:
@@ -869,7 +935,7 @@ def measure_verify_costs(model: nn.Module, cache, gammas: Sequence[int], samplin
 
 
 @torch.inference_mode()
-def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: Sampling, rounds: int = 9) -> tuple[Callable[[int, int], float], Callable[[int], float]]:
+def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: Sampling, rounds: int = 9, heads: Mapping[int, DraftHead] = {}) -> tuple[Callable[..., float], Callable[[int], float]]:
     """Cost models on this machine, relative to one plain decoding step (a single-token
     forward plus sampling): c(K, γ), the cost of one draft token from K of the L layers in
     a draft of γ tokens, and V(γ) for each γ in `draft_lens` (and 0), from
@@ -894,19 +960,24 @@ def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: 
     last_token = torch.zeros(1, 1, dtype=torch.long, device=device)
     generator = torch.Generator(device).manual_seed(0)
 
-    def draft_call(kept: int, n: int):
-        return lambda: draft(model, cache, last_token, list(range(kept, num_layers)), n, sampling, generator)
+    def draft_call(kept: int, n: int, head: DraftHead | None = None):
+        return lambda: draft(model, cache, last_token, list(range(kept, num_layers)), n, sampling, generator, head)
 
     # (K, n): one-token drafts at four depths, three-token drafts at the two cheapest (a
-    # draft keeps at most L - 1 layers, so the full depth is not timed)
+    # draft keeps at most L - 1 layers, so the full depth is not timed); then one-token
+    # one-layer drafts with each smaller head, whose saving per token is read against the
+    # same draft with the full head
     kept_counts = sorted({1, max(1, num_layers // 4), max(1, num_layers // 2), max(1, 3 * num_layers // 4)})
     draft_shapes = [(kept, 1) for kept in kept_counts] + [(kept, 3) for kept in kept_counts[:2]]
-    _, *draft_costs = relative_times([verify_call(model, cache, 0, sampling)] + [draft_call(kept, n) for kept, n in draft_shapes], device, rounds)
+    calls = [draft_call(kept, n) for kept, n in draft_shapes] + [draft_call(1, 1, head) for head in heads.values()]
+    _, *costs = relative_times([verify_call(model, cache, 0, sampling)] + calls, device, rounds)
+    draft_costs, head_costs = costs[: len(draft_shapes)], costs[len(draft_shapes) :]
     fixed, per_token, per_layer = least_squares([[1.0, n, n * kept] for kept, n in draft_shapes], draft_costs)
+    head_saving = {0: 0.0} | {size: draft_costs[0] - cost for size, cost in zip(heads, head_costs)}  # draft_shapes[0] is (1, 1)
     verify_costs = measure_verify_costs(model, cache, sorted(set(draft_lens)), sampling, rounds)
 
-    def cost_ratio(kept: int, draft_len: int) -> float:
-        return fixed / draft_len + per_token + kept * per_layer
+    def cost_ratio(kept: int, draft_len: int, vocab_size: int = 0) -> float:
+        return fixed / draft_len + per_token - head_saving[vocab_size] + kept * per_layer
 
     def verify_cost(gamma: int) -> float:
         return verify_costs[gamma] if gamma else 1.0
@@ -923,9 +994,10 @@ class DraftPlan:
     cost_ratio: float
     verify_cost: float
     seconds: float  # how long planning took
-    candidates: list[dict]  # per number of skipped layers k worth measuring: α, c, the best γ, its V and S
+    candidates: list[dict]  # per (k skipped layers, head size N) worth measuring: α, c, the best γ, its V and S
     min_speedup: float  # below this predicted speedup we decode plainly
     ranking: str = ""  # the ranking whose draft won ("fit", "bi", ...)
+    draft_vocab: torch.Tensor | None = None  # the tokens the draft's head scores (None: all)
 
     def summary(self) -> str:
         if self.draft_len == 0:
@@ -933,10 +1005,17 @@ class DraftPlan:
             bar = f"the {self.min_speedup:.2f}x worth speculating for"
             why = f"the best draft (k = {best['k']}, γ = {best['draft_len']}) predicts {best['speedup']:.2f}x, below {bar}" if best else f"no draft would reach {bar} even if every drafted token were accepted"
             return f"decoding plainly: {why} (planned in {self.seconds:.1f} s)"
+        head = "the full head" if self.draft_vocab is None else f"a head over {len(self.draft_vocab)} tokens"
         return (
-            f"skip {len(self.skip_layers)} layers ({self.ranking} ranking), γ = {self.draft_len}: α = {self.alpha:.2f}, c = {self.cost_ratio:.2f}, "
-            f"V = {self.verify_cost:.2f}, predicted speedup {self.predicted_speedup:.2f}x (planned in {self.seconds:.1f} s)"
+            f"skip {len(self.skip_layers)} layers ({self.ranking} ranking), {head}, γ = {self.draft_len}: α = {self.alpha:.2f}, "
+            f"c = {self.cost_ratio:.2f}, V = {self.verify_cost:.2f}, predicted speedup {self.predicted_speedup:.2f}x (planned in {self.seconds:.1f} s)"
         )
+
+
+def token_subset(mass: torch.Tensor, size: int, always: Sequence[int] = ()) -> torch.Tensor:
+    """The `size` tokens with the most predicted probability mass, plus `always` (end-of-turn
+    and special tokens, the prompt's tokens): the subset a draft head scores."""
+    return torch.cat([mass.topk(size).indices, torch.tensor(list(always), dtype=torch.long, device=mass.device)]).unique()
 
 
 def plan_draft(
@@ -947,6 +1026,7 @@ def plan_draft(
     sampling: Sampling = Sampling(),
     texts: Sequence[str] | None = None,
     draft_lens: Sequence[int] = tuple(range(1, 9)),
+    draft_vocab_sizes: Sequence[int] = (0, 4096, 8192, 16384, 32768),
     min_speedup: float = 1.05,
     num_prompts: int = 4,
     prompt_len: int = 32,
@@ -957,13 +1037,14 @@ def plan_draft(
     second_rounds: int = 15,
     patience: int = 3,
 ) -> DraftPlan:
-    """Pick the skipped layers and γ that maximise the expected speedup S.
+    """Pick the skipped layers, the draft head's size N and γ that maximise the expected speedup S.
 
     `rankings` is {name: one score per layer} (or FIT's scores alone); the draft that skips
-    k layers is each ranking's k lowest, and for every k the best measured α wins. Costs are
-    timed twice: c and V at every γ in `draft_lens` over `first_rounds` rounds, then V again
-    over `second_rounds` rounds for the `second_look` values of γ that predict the most;
-    the choice is made among those.
+    k layers is each ranking's k lowest, and for every k the best measured α wins. N is
+    chosen among `draft_vocab_sizes` (0: the full head), its tokens by predicted probability
+    mass over the calibration text. Costs are timed twice: c and V at every γ in `draft_lens`
+    over `first_rounds` rounds, then V again over `second_rounds` rounds for the
+    `second_look` values of γ that predict the most; the choice is made among those.
     """
     t0 = time.perf_counter()
     device = next(model.parameters()).device
@@ -975,31 +1056,39 @@ def plan_draft(
     context = getattr(model.config.get_text_config(), "max_position_embeddings", 4096)
 
     # time draft and verify on top of a context of a few hundred tokens, as in use: the
-    # attention part of a forward, and so V, grows with the context
+    # attention part of a forward, and so V, grows with the context. The same forward's
+    # predictions say which tokens a smaller draft head should keep.
     timing_len = max(1, min(timing_context, context - max(draft_lens) - 2))
     cache = new_cache(model)
     with torch.inference_mode():
-        model(input_ids=calibration_batches(tokenizer, texts, timing_len, 1)[0].to(device), cache=cache, use_cache=True)
+        logits = model(input_ids=calibration_batches(tokenizer, texts, timing_len, 1)[0].to(device), cache=cache, use_cache=True).logits
+    vocab_size = logits.shape[-1]
+    always = set(getattr(tokenizer, "all_special_ids", [])) | set(end_of_turn_ids(model, tokenizer))
+    heads = {size: draft_head(model, token_subset(logits[0].float().softmax(-1).sum(0), size, always)) for size in draft_vocab_sizes if 0 < size < vocab_size // 2}
+    sizes = ([0] if 0 in draft_vocab_sizes or not heads else []) + list(heads)
     # A rough look first: V timed at γ = 1, 2, 4, 8 only, a γ in between charged the V of the
     # next timed γ above it (V grows with γ, so this errs on the dear side); the second look
     # below times the γ that matter exactly.
     timed = sorted({min((t for t in (1, 2, 4, 8) if t >= g), default=g) for g in draft_lens})
-    cost_ratio, timed_verify_cost = measure_costs(model, cache, timed, sampling, rounds=first_rounds)
+    cost_ratio, timed_verify_cost = measure_costs(model, cache, timed, sampling, rounds=first_rounds, heads=heads)
     rough_verify_cost = lambda gamma: timed_verify_cost(min(t for t in timed if t >= gamma))  # noqa: E731
 
-    def speedup(kept: int, alpha: float, gamma: int, verify_cost: Callable[[int], float]) -> float:
-        return expected_speedup(alpha, gamma, cost_ratio(kept, gamma), verify_cost(gamma))
+    def speedup(kept: int, size: int, alpha: float, gamma: int, verify_cost: Callable[[int], float]) -> float:
+        return expected_speedup(alpha, gamma, cost_ratio(kept, gamma, size), verify_cost(gamma))
 
     def could_pay(kept: int, alpha: float) -> bool:
-        return max(speedup(kept, alpha, g, rough_verify_cost) for g in draft_lens) >= min_speedup
+        return max(speedup(kept, n, alpha, g, rough_verify_cost) for g in draft_lens for n in sizes) >= min_speedup
 
     # A draft that could not reach min_speedup even if the target accepted every token it
-    # drafts (α = 1) keeps too many layers to pay: those drafts are never measured.
-    shallowest = next((k for k in range(1, num_layers) if could_pay(num_layers - k, 1.0)), None)
+    # drafts (α = 1) keeps too many layers to pay: those drafts are never measured. With a
+    # smaller head, the draft may keep every layer (k = 0).
+    shallowest = next((k for k in range(0 if heads else 1, num_layers) if could_pay(num_layers - k, 1.0)), None)
 
     # α is measured teacher-forced on text the model writes itself, as in decoding,
-    # continuing a few calibration snippets (one continuation is too noisy a sample).
-    drafts = {}  # tuple(skip_layers) -> (α, the first ranking that proposed it)
+    # continuing a few calibration snippets (one continuation is too noisy a sample). One
+    # forward per draft serves every head size: a head over a subset gives the full head's
+    # logits for the subset's tokens.
+    drafts = {}  # (tuple(skip_layers), N) -> (α, the first ranking that proposed it)
     if shallowest is not None:
         new_tokens = max(1, min(new_tokens, context - prompt_len - max(draft_lens) - 1))
         prompts = torch.cat(calibration_batches(tokenizer, texts, prompt_len, num_prompts)).to(device)  # (B, prompt_len)
@@ -1009,11 +1098,14 @@ def plan_draft(
             best, since_best = 0.0, 0
             for k in range(shallowest, num_layers):
                 skip = tuple(select_skipped_layers(scores, k / num_layers))
-                if skip not in drafts:
-                    q_draft = teacher_forced_probs(model, input_ids, skip, sampling, first=prompt_len - 1)
-                    drafts[skip] = (expected_acceptance(p_target, q_draft), name)
-                alpha = drafts[skip][0]
-                predicted = max(speedup(num_layers - k, alpha, g, rough_verify_cost) for g in draft_lens)
+                if (skip, sizes[-1]) not in drafts:
+                    draft_logits = teacher_forced_logits(model, input_ids, skip, first=prompt_len - 1)
+                    for size in sizes:
+                        if k or size:  # (no layer skipped and the full head is the target itself)
+                            q_draft = sampling_probs(restricted(draft_logits, heads.get(size)), sampling)
+                            drafts[skip, size] = (expected_acceptance(p_target, q_draft), name)
+                alpha = max(drafts[key][0] for key in drafts if key[0] == skip)
+                predicted = max(speedup(num_layers - k, n, drafts[skip, n][0], g, rough_verify_cost) for n in sizes if (skip, n) in drafts for g in draft_lens)
                 best, since_best = (predicted, 0) if predicted > best else (best, since_best + 1)
                 # Deeper drafts cost less but accept less. Stop when even the cheapest draft
                 # there is (one layer kept) could not pay at this α, as α only falls from
@@ -1026,27 +1118,29 @@ def plan_draft(
     # timing of V can be off by 0.1 on a shared machine, enough to pick the wrong γ; so V is
     # timed again, with more rounds, for the few γ that come out best. Where even the best
     # lies far below min_speedup (more than V's noise, ~15%), the answer is plain decoding.
-    best_of_gamma = {g: max(speedup(num_layers - len(skip), alpha, g, rough_verify_cost) for skip, (alpha, _) in drafts.items()) for g in draft_lens} if drafts else {}
+    best_of_gamma = {g: max(speedup(num_layers - len(skip), n, alpha, g, rough_verify_cost) for (skip, n), (alpha, _) in drafts.items()) for g in draft_lens} if drafts else {}
     near_ties = sorted(sorted(best_of_gamma, key=best_of_gamma.get, reverse=True)[:second_look])
     if best_of_gamma and max(best_of_gamma.values()) >= 0.85 * min_speedup:
         verify_cost = measure_verify_costs(model, cache, near_ties, sampling, rounds=second_rounds).get
     else:
         verify_cost = rough_verify_cost
 
-    best_per_k = {}  # k -> the draft with the highest α among the rankings' drafts of k layers
-    for skip, (alpha, name) in drafts.items():
-        if len(skip) not in best_per_k or alpha > best_per_k[len(skip)][1]:
-            best_per_k[len(skip)] = (list(skip), alpha, name)
+    best_per_k = {}  # (k, N) -> the draft with the highest α among the rankings' drafts of k layers
+    for (skip, size), (alpha, name) in drafts.items():
+        if (len(skip), size) not in best_per_k or alpha > best_per_k[len(skip), size][1]:
+            best_per_k[len(skip), size] = (list(skip), alpha, name)
     candidates = []
-    for k, (skip, alpha, name) in sorted(best_per_k.items()):
-        best_speedup, gamma = max((speedup(num_layers - k, alpha, g, verify_cost), g) for g in near_ties)
-        candidates.append(dict(k=k, skip_layers=skip, ranking=name, alpha=alpha, cost_ratio=cost_ratio(num_layers - k, gamma), draft_len=gamma, verify_cost=verify_cost(gamma), speedup=best_speedup))
+    for (k, size), (skip, alpha, name) in sorted(best_per_k.items()):
+        best_speedup, gamma = max((speedup(num_layers - k, size, alpha, g, verify_cost), g) for g in near_ties)
+        candidates.append(dict(k=k, draft_vocab_size=size, skip_layers=skip, ranking=name, alpha=alpha, cost_ratio=cost_ratio(num_layers - k, gamma, size),
+                               draft_len=gamma, verify_cost=verify_cost(gamma), speedup=best_speedup))  # fmt: skip
 
     best = max(candidates, key=lambda row: row["speedup"], default=None)
     seconds = time.perf_counter() - t0
     if best is None or best["speedup"] < min_speedup:
         return DraftPlan([], 0, 1.0, 0.0, 0.0, 1.0, seconds, candidates, min_speedup)
-    return DraftPlan(best["skip_layers"], best["draft_len"], best["speedup"], best["alpha"], best["cost_ratio"], best["verify_cost"], seconds, candidates, min_speedup, best["ranking"])
+    vocab = heads[best["draft_vocab_size"]].vocab if best["draft_vocab_size"] else None
+    return DraftPlan(best["skip_layers"], best["draft_len"], best["speedup"], best["alpha"], best["cost_ratio"], best["verify_cost"], seconds, candidates, min_speedup, best["ranking"], vocab)
 
 
 # -----------------------------------------------------------------------------
@@ -1285,6 +1379,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--draft-len", default="auto", help="γ, tokens drafted per step (auto: chosen with the layers, else 4)")
     ap.add_argument("--prune-ratio", default="auto", help="fraction of layers the draft skips, or auto (measure and choose)")
+    ap.add_argument("--draft-vocab", default="auto", help="tokens the draft's head scores: auto (measure and choose), 0 (all), or N")
     ap.add_argument("--ranking", default="auto", choices=("auto",) + RANKINGS, help="which layer ranking picks the draft (auto: the best measured; fit for --prune-ratio)")
     ap.add_argument("--skip-layers", default=None, help="explicit layers to skip, e.g. 3,5,7 (overrides FIT)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -1324,6 +1419,10 @@ def check_decoding_args(args: argparse.Namespace) -> None:
         if not args.draft_len.isdigit() or int(args.draft_len) < 1:
             raise UserError(f"--draft-len must be auto or a whole number of at least 1; got {args.draft_len}.")
         args.draft_len = int(args.draft_len)
+    if args.draft_vocab != "auto":
+        if not args.draft_vocab.isdigit():
+            raise UserError(f"--draft-vocab must be auto, 0 (the full head) or a number of tokens; got {args.draft_vocab}.")
+        args.draft_vocab = int(args.draft_vocab)
     if args.prune_ratio != "auto":
         try:
             ratio = float(args.prune_ratio)
@@ -1394,7 +1493,8 @@ def end_of_turn_ids(model: nn.Module, tokenizer) -> list[int]:
     several, e.g. Gemma's <eos> and <end_of_turn>) and the tokenizer's."""
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    return sorted(set(ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return sorted(set(ids) | ({eos} if eos is not None else set()))
 
 
 class TextStream:
@@ -1419,8 +1519,8 @@ def draft_is_fixed(args: argparse.Namespace) -> bool:
     return args.skip_layers is not None or args.prune_ratio != "auto"
 
 
-def choose_draft(model: nn.Module, tokenizer, rankings: Mapping[str, Sequence[float]] | None, args: argparse.Namespace, *, texts: Sequence[str] | None, log: Callable[[str], None]) -> tuple[list[int], int]:
-    """(skip_layers, draft_len) as the options ask: --skip-layers, the lowest layers of one
+def choose_draft(model: nn.Module, tokenizer, rankings: Mapping[str, Sequence[float]] | None, args: argparse.Namespace, *, texts: Sequence[str] | None, log: Callable[[str], None]) -> tuple[list[int], int, torch.Tensor | None]:
+    """(skip_layers, draft_len, draft_vocab) as the options ask: --skip-layers, the lowest layers of one
     ranking (--ranking, FIT unless set) at a fixed --prune-ratio, or the automatic plan over
     the rankings (draft_len 0: decode plainly). `rankings` may be None only with
     --skip-layers; γ is 4 unless --draft-len or the plan sets it."""
@@ -1430,12 +1530,18 @@ def choose_draft(model: nn.Module, tokenizer, rankings: Mapping[str, Sequence[fl
             skip_layers = check_skip_layers(args.skip_layers if scores is None else select_skipped_layers(scores, args.prune_ratio), num_decoder_layers(model))
         except ValueError as error:
             raise UserError(str(error)) from None
-        return skip_layers, 4 if args.draft_len == "auto" else args.draft_len
+        draft_vocab = None
+        if args.draft_vocab not in ("auto", 0):  # the N likeliest tokens over the calibration text
+            with torch.inference_mode():
+                logits = model(input_ids=calibration_batches(tokenizer, texts, 256, 1)[0].to(model.device)).logits[0]
+            draft_vocab = token_subset(logits.float().softmax(-1).sum(0), args.draft_vocab, end_of_turn_ids(model, tokenizer))
+        return skip_layers, 4 if args.draft_len == "auto" else args.draft_len, draft_vocab
     draft_lens = range(1, 9) if args.draft_len == "auto" else [args.draft_len]
     compared = rankings if args.ranking == "auto" else {args.ranking: rankings[args.ranking]}
-    plan = plan_draft(model, tokenizer, compared, sampling=Sampling(args.temperature, args.top_k, args.top_p), texts=texts, draft_lens=draft_lens)
+    sizes = {} if args.draft_vocab == "auto" else {"draft_vocab_sizes": [args.draft_vocab]}
+    plan = plan_draft(model, tokenizer, compared, sampling=Sampling(args.temperature, args.top_k, args.top_p), texts=texts, draft_lens=draft_lens, **sizes)
     log(f"auto draft: {plan.summary()}")
-    return plan.skip_layers, plan.draft_len
+    return plan.skip_layers, plan.draft_len, plan.draft_vocab
 
 
 def run(args: argparse.Namespace) -> None:
@@ -1459,7 +1565,7 @@ def run(args: argparse.Namespace) -> None:
 
     try:
         rankings = None if args.skip_layers is not None else cached_rankings(model, tokenizer, args.calib_texts, model_name=args.model, log=log)
-        skip_layers, draft_len = choose_draft(model, tokenizer, rankings, args, texts=args.calib_texts, log=log)
+        skip_layers, draft_len, draft_vocab = choose_draft(model, tokenizer, rankings, args, texts=args.calib_texts, log=log)
     except CalibrationTooShort as error:
         raise UserError(f"{error.problem}; pass a longer text to --calib.") from None
     if draft_len:
@@ -1486,7 +1592,7 @@ def run(args: argparse.Namespace) -> None:
         print(args.prompt, end="", flush=True)  # a continuation reads on from the prompt; a reply stands alone
     stream = TextStream(tokenizer)
     if draft_len:
-        tokens, stats = speculative_generate(model, input_ids, skip_layers, draft_len=draft_len, generator=make_generator(), on_tokens=stream, **settings)
+        tokens, stats = speculative_generate(model, input_ids, skip_layers, draft_len=draft_len, generator=make_generator(), on_tokens=stream, draft_vocab=draft_vocab, **settings)
     else:
         tokens, stats = autoregressive_generate(model, input_ids, generator=make_generator(), on_tokens=stream, **settings)
     print()

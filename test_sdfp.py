@@ -517,6 +517,72 @@ def test_draft_keeps_each_kept_layers_attention_type():
 
 
 # -----------------------------------------------------------------------------
+# A draft head over a token subset
+
+
+def test_draft_head_q_is_exactly_zero_outside_the_subset_and_samples_inside_it():
+    model = tiny_model("llama")
+    head = sdfp.draft_head(model, torch.tensor([3, 5, 9]))
+    cache = sdfp.new_cache(model)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2]]), cache=cache, use_cache=True)
+        tokens, q_draft = sdfp.draft(model, cache, torch.tensor([[4]]), [1], 6, sdfp.Sampling(temperature=1.5), torch.Generator().manual_seed(0), head)
+    outside = torch.ones(12, dtype=torch.bool)
+    outside[[3, 5, 9]] = False
+    assert torch.equal(q_draft[:, outside], torch.zeros(6, 9, dtype=q_draft.dtype))
+    assert set(tokens.tolist()) <= {3, 5, 9} and torch.allclose(q_draft.sum(-1), torch.ones(6, dtype=q_draft.dtype))
+    assert sdfp.cache_length(cache) == 2  # the draft's positions were rolled back
+    # the sliced head scores the subset exactly as the full head does, so (temperature only)
+    # q is the full-head draft's q, restricted to the subset and renormalised
+    with torch.no_grad():
+        _, q_full = sdfp.draft(model, cache, torch.tensor([[4]]), [1], 1, sdfp.Sampling(temperature=1.5), None)
+    expected = q_full[0].masked_fill(outside, 0.0)
+    torch.testing.assert_close(q_draft[0], expected / expected.sum(), atol=1e-6, rtol=0)  # float32 probabilities
+
+
+@pytest.mark.parametrize("bad,message", [(torch.tensor([1, 12]), "outside this model's vocabulary 0..11"), (torch.tensor([2, 2, 3]), "1 repeated ids"),
+                                         (torch.tensor([], dtype=torch.long), "at least one token id"), (torch.tensor([[1, 2]]), "1-D")])  # fmt: skip
+def test_bad_draft_vocab_is_refused_with_one_sentence(bad, message):
+    with pytest.raises(ValueError, match=message):
+        sdfp.speculative_generate(tiny_model("llama"), torch.tensor([[1]]), [1], max_new_tokens=2, draft_vocab=bad)
+
+
+@given(prompt=st.lists(st.integers(0, 11), min_size=1, max_size=6), vocab=st.sets(st.integers(0, 11), min_size=1, max_size=11),
+       skip=st.sets(st.integers(0, 3), max_size=3), draft_len=st.integers(1, 4))  # fmt: skip
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_greedy_is_token_identical_with_a_draft_head_over_a_subset(prompt, vocab, skip, draft_len):
+    model = tiny_model("llama")
+    ids = torch.tensor([prompt])
+    plain, _ = sdfp.autoregressive_generate(model, ids, max_new_tokens=16)
+    spec, _ = sdfp.speculative_generate(model, ids, sorted(skip), max_new_tokens=16, draft_len=draft_len, draft_vocab=torch.tensor(sorted(vocab)))
+    assert torch.equal(spec, plain)
+
+
+def test_sampling_with_a_draft_head_that_leaves_out_likely_tokens_matches_the_model():
+    """As the test above with 8^3 triples, 1,500 samples, p < 1e-3 (0.1% false alarms), at
+    temperature 0.9 and top-k 5, the draft head leaving out the two tokens the target
+    samples most often as its first token (outside the prompt, which is always kept)."""
+    model = tiny_model("llama", vocab=8)
+    setting = dict(temperature=0.9, top_k=5)
+    prompt, skip, n = [1, 2], [1, 2], 1500
+    joint = exact_joint(model, prompt, 3, sdfp.Sampling(**setting))
+    first = joint.sum((1, 2))
+    left_out = [t for t in first.argsort(descending=True).tolist() if t not in prompt][:2]
+    assert first[left_out].sum() > 0.3, "the tokens left out must matter for the test to mean anything"
+    vocab = torch.tensor([t for t in range(8) if t not in left_out])
+    gen = torch.Generator().manual_seed(99)
+    counts = torch.zeros(8, 8, 8)
+    totals = sdfp.GenerationStats()
+    for _ in range(n):
+        tokens, stats = sdfp.speculative_generate(model, torch.tensor([prompt]), skip, max_new_tokens=3, draft_len=2, generator=gen, draft_vocab=vocab, **setting)
+        counts[tuple(tokens.tolist())] += 1
+        totals += stats
+    assert 0.05 < totals.accepted / totals.drafted < 0.95
+    assert counts[joint == 0].sum() == 0 and counts[left_out[0]].sum() > 0  # left-out tokens still come, via the residual
+    assert chi_square_pvalue(counts, joint) > 1e-3
+
+
+# -----------------------------------------------------------------------------
 # The layer-skip forward
 
 
@@ -761,20 +827,24 @@ def test_plan_draft_does_not_measure_drafts_that_could_not_pay_even_if_always_ac
     model = model_with_identity_layers(6, identity=(1, 3, 4))
     tokenizer = CharTokenizer(12)
     fit = sdfp.fit_scores(model, tokenizer, seq_len=32, max_sequences=4, progress=False)
-    monkeypatch.setattr(sdfp, "measure_costs", lambda *args, **kwargs: (lambda kept, gamma: kept / 6, lambda gamma: 1.0))
+    monkeypatch.setattr(sdfp, "measure_costs", lambda *args, **kwargs: (lambda kept, gamma, size=0: kept / 6, lambda gamma: 1.0))
     measure_verify_costs, second_looks = sdfp.measure_verify_costs, []  # measure_costs is planted, so every call here is plan_draft's second look
     monkeypatch.setattr(sdfp, "measure_verify_costs", lambda model, cache, gammas, sampling, rounds: second_looks.append(list(gammas)) or {g: 1.0 for g in gammas})
-    teacher_forced_probs, measured = sdfp.teacher_forced_probs, []
+    teacher_forced_logits, measured = sdfp.teacher_forced_logits, []
 
     def spy(model, input_ids, skip_layers, *args, **kwargs):
         measured.append(list(skip_layers))
-        return teacher_forced_probs(model, input_ids, skip_layers, *args, **kwargs)
+        return teacher_forced_logits(model, input_ids, skip_layers, *args, **kwargs)
 
-    monkeypatch.setattr(sdfp, "teacher_forced_probs", spy)
+    monkeypatch.setattr(sdfp, "teacher_forced_logits", spy)
     settings = dict(draft_lens=(1, 2, 4), prompt_len=8, new_tokens=16, timing_context=32)
     plan = sdfp.plan_draft(model, tokenizer, fit, min_speedup=1.5, **settings)
-    assert [row["k"] for row in plan.candidates] == [3, 4, 5]
-    assert [len(skip) for skip in measured] == [0, 3, 4, 5]  # the target's p, then k = 3, 4, 5
+    # k = 4 accepts so little that not even a one-layer draft (c = 1/6) could pay at that α:
+    # deeper drafts, which accept no more, are not measured
+    assert [row["k"] for row in plan.candidates] == [3, 4]
+    alpha_4 = plan.candidates[1]["alpha"]
+    assert max(sdfp.expected_speedup(alpha_4, g, 1 / 6, 1.0) for g in settings["draft_lens"]) < 1.5
+    assert [len(skip) for skip in measured] == [0, 3, 4]  # the target's p, then k = 3, 4
     # k = 3 skips exactly the identity layers (α = 1): S = 5 / (4 * 3/6 + 1) at γ = 4
     assert (plan.skip_layers, plan.draft_len, plan.predicted_speedup) == ([1, 3, 4], 4, pytest.approx(5 / 3))
     assert second_looks == [[1, 2, 4]]  # all three γ are near ties here
@@ -785,9 +855,9 @@ def test_plan_draft_does_not_measure_drafts_that_could_not_pay_even_if_always_ac
     monkeypatch.setattr(sdfp, "sample_continuations", lambda *args: pytest.fail("wrote text to measure α with no draft to measure"))
     plain = sdfp.plan_draft(model, tokenizer, fit, min_speedup=4.0, **settings)
     assert (plain.skip_layers, plain.draft_len, plain.candidates, measured) == ([], 0, [], [])
-    assert second_looks[1:] == [[]]  # the second look asks for no γ ...
+    assert second_looks[1:] == []  # no second look
     monkeypatch.setattr(sdfp, "relative_times", lambda *args: pytest.fail("timed with no γ to time"))
-    assert measure_verify_costs(model, None, [], sdfp.Sampling(), 15) == {}  # ... and so times nothing
+    assert measure_verify_costs(model, None, [], sdfp.Sampling(), 15) == {}  # asked for no γ, it times nothing
     assert "even if every drafted token were accepted" in plain.summary()
 
 
@@ -818,7 +888,7 @@ def test_plan_draft_times_v_again_for_the_near_ties_and_chooses_among_them(monke
     settings = dict(prompt_len=8, new_tokens=16, timing_context=32, first_rounds=2, second_look=2, second_rounds=7)
     plan = sdfp.plan_draft(model, tokenizer, fit, min_speedup=0.0, draft_lens=draft_lens, **settings)
 
-    assert len(looks) == 2 and looks[0] == ([1, 2, 3, 4], 2)
+    assert len(looks) == 2 and looks[0] == ([1, 2, 4], 2)  # the rough look times γ = 1, 2, 4 (and charges γ = 3 as 4)
     # the second look: the two γ with the best first-look S over all drafts, 7 rounds
     first_look = {g: max(sdfp.expected_speedup(row["alpha"], g, timed["cost_ratio"](6 - row["k"], g), 1.2) for row in plan.candidates) for g in draft_lens}
     near_ties = sorted(sorted(draft_lens, key=first_look.get, reverse=True)[:2])
@@ -1279,6 +1349,13 @@ def gemma3():
     return sdfp.load_model("Gemma3-270M", "cpu", torch.float32)
 
 
+def likely_tokens(model, tok, size):
+    """The draft-head subset the planner would build: most predicted mass over calibration text."""
+    with torch.no_grad():
+        logits = model(input_ids=sdfp.calibration_batches(tok, None, 128, 1)[0]).logits[0]
+    return sdfp.token_subset(logits.float().softmax(-1).sum(0), size, sdfp.end_of_turn_ids(model, tok))
+
+
 def hf_greedy(model, ids, max_new_tokens, eos):
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
     return out[0, ids.shape[1] :]
@@ -1293,8 +1370,9 @@ def test_smollm2_greedy_is_token_identical_to_hf_generate_on_chat_prompts(smollm
         ids = sdfp.prompt_ids(tok, prompt)
         assert "<|im_start|>assistant" in tok.decode(ids[0])  # one user turn, then the reply's header
         reference = hf_greedy(model, ids, 40, eos)
-        for skip in ([25, 26], [14, 17, 25], [3, 12, 13, 14, 15, 17, 25]):  # BI's 2 lowest, FIT-like, deep
-            tokens, stats = sdfp.speculative_generate(model, ids, skip, max_new_tokens=40, draft_len=3, eos_token_id=eos)
+        subset = likely_tokens(model, tok, 2048)  # a draft head small enough that the reply leaves it
+        for skip, vocab in [([25, 26], None), ([14, 17, 25], None), ([3, 12, 13, 14, 15, 17, 25], None), ([], subset), ([25, 26], subset)]:
+            tokens, stats = sdfp.speculative_generate(model, ids, skip, max_new_tokens=40, draft_len=3, eos_token_id=eos, draft_vocab=vocab)
             assert torch.equal(tokens, reference), (prompt, skip)
             assert stats.drafted > 0
 
@@ -1307,10 +1385,11 @@ def test_gemma3_greedy_is_token_identical_to_hf_generate_past_its_sliding_window
     text = " ".join(f"Line {i}: the river runs past the mill, and the mill turns the stone." for i in range(60))
     long_ids = tok(text, return_tensors="pt")["input_ids"][:, :500]  # 500 + 24 new tokens cross the window
     short_ids = sdfp.prompt_ids(tok, "The three primary colours are")
-    for ids, skips in [(long_ids, ([2, 7],)), (short_ids, ([2, 7], [9, 10, 11]))]:
+    subset = likely_tokens(model, tok, 4096)
+    for ids, drafts in [(long_ids, [([2, 7], None), ([], subset)]), (short_ids, [([2, 7], None), ([9, 10, 11], subset)])]:
         reference = hf_greedy(model, ids, 24, eos)
-        for skip in skips:
-            tokens, _ = sdfp.speculative_generate(model, ids, skip, max_new_tokens=24, draft_len=3, eos_token_id=eos)
+        for skip, vocab in drafts:
+            tokens, _ = sdfp.speculative_generate(model, ids, skip, max_new_tokens=24, draft_len=3, eos_token_id=eos, draft_vocab=vocab)
             assert torch.equal(tokens, reference), skip
 
 
