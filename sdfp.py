@@ -1057,11 +1057,13 @@ def plan_draft(
 
     # time draft and verify on top of a context of a few hundred tokens, as in use: the
     # attention part of a forward, and so V, grows with the context. The same forward's
-    # predictions say which tokens a smaller draft head should keep.
+    # predictions say which tokens a smaller draft head should keep; it reads the text's last
+    # piece, away from the snippets α is measured on (a subset chosen on those would flatter α).
     timing_len = max(1, min(timing_context, context - max(draft_lens) - 2))
     cache = new_cache(model)
     with torch.inference_mode():
-        logits = model(input_ids=calibration_batches(tokenizer, texts, timing_len, 1)[0].to(device), cache=cache, use_cache=True).logits
+        timing_text = calibration_batches(tokenizer, texts, timing_len, 64)[-1]
+        logits = model(input_ids=timing_text.to(device), cache=cache, use_cache=True).logits
     vocab_size = logits.shape[-1]
     always = set(getattr(tokenizer, "all_special_ids", [])) | set(end_of_turn_ids(model, tokenizer))
     heads = {size: draft_head(model, token_subset(logits[0].float().softmax(-1).sum(0), size, always)) for size in draft_vocab_sizes if 0 < size < vocab_size // 2}

@@ -248,6 +248,63 @@ def test_sampling_probs_chain():
     assert sdfp.sampling_probs(logits, sdfp.Sampling(1.0, top_p=0.6)).tolist() == [[1.0, 0.0, 0.0, 0.0]]
 
 
+def hf_warped_probs(logits, sampling):
+    """Hugging Face's own chain, the peer we compare with: temperature -> top-k -> top-p."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores = logits.float().clone()
+    scores = TemperatureLogitsWarper(sampling.temperature)(None, scores)
+    if sampling.top_k:
+        scores = TopKLogitsWarper(sampling.top_k)(None, scores)
+    if sampling.top_p < 1.0:
+        scores = TopPLogitsWarper(sampling.top_p)(None, scores)
+    return scores.softmax(-1)
+
+
+@given(seed=st.integers(0, 2**31 - 1), temperature=st.sampled_from([0.3, 0.7, 1.6]), top_k=st.sampled_from([0, 1, 3, 7]),
+       top_p=st.sampled_from([1.0, 0.9, 0.5, 0.2]), ties=st.booleans())  # fmt: skip
+@settings(max_examples=200, deadline=None)
+def test_sampling_probs_matches_hugging_face_warpers(seed, temperature, top_k, top_p, ties):
+    """On random logits (rounded to a coarse grid when `ties`, so that equal logits straddle
+    the top-k and top-p cut-offs), sampling_probs gives Hugging Face's distribution. Where
+    top-p must drop one of several tied tokens, which one is a matter of sort order, so the
+    sorted probabilities are compared."""
+    logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(seed)) * 2
+    if ties:
+        logits = logits.round()
+    sampling = sdfp.Sampling(temperature, top_k, top_p)
+    ours, theirs = sdfp.sampling_probs(logits, sampling), hf_warped_probs(logits, sampling)
+    torch.testing.assert_close(ours.sort(-1).values, theirs.sort(-1).values, atol=1e-6, rtol=0)
+    if not ties:
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+
+def test_top_p_keeps_a_token_whose_predecessors_fall_short_and_drops_one_that_reaches_it():
+    """probs 0.5, 0.25, 0.25 (exact in binary) at top-p 0.75: the mass ahead of the third token
+    is exactly 0.75, which already reaches top-p, so exactly one of the two tied tokens goes,
+    as in Hugging Face's warper; at top-p 0.7501 all three stay."""
+    logits = torch.tensor([[0.5, 0.25, 0.25]]).log()  # (1, V): Hugging Face's warpers take batches
+    kept = sdfp.sampling_probs(logits, sdfp.Sampling(1.0, top_p=0.75))
+    assert sorted(kept[0].tolist()) == [0.0, pytest.approx(1 / 3), pytest.approx(2 / 3)]
+    assert (hf_warped_probs(logits, sdfp.Sampling(1.0, top_p=0.75)) > 0).sum() == 2
+    assert (sdfp.sampling_probs(logits, sdfp.Sampling(1.0, top_p=0.7501)) > 0).sum() == 3
+
+
+def test_a_token_the_target_gives_probability_zero_is_never_accepted():
+    """u is drawn from [0, 1), so u = 0 is possible: acceptance must be u < p/q, never u <= p/q,
+    or a token with p = 0 would slip through when u = 0."""
+
+    p_target = torch.tensor([[0.0, 1.0], [0.5, 0.5]])
+    q_draft = torch.tensor([[0.5, 0.5]])
+    real_rand = torch.rand
+    try:
+        torch.rand = lambda *size, generator=None, device=None: torch.zeros(*size, device=device)  # u = 0
+        n_accepted, token = sdfp.accept_or_resample(p_target, q_draft, torch.tensor([0]), None)
+    finally:
+        torch.rand = real_rand
+    assert (n_accepted, token) == (0, 1)  # rejected, and the residual puts all its mass on token 1
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(temperature=float("nan")), dict(temperature=float("inf")),
                                  dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_p=float("nan"))])
 def test_sampling_rejects_bad_settings(bad):
@@ -664,6 +721,18 @@ def model_with_identity_layers(layers: int, identity: tuple[int, ...]):
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
     return model
+
+
+@pytest.mark.parametrize("skip", [[1], [1, 3], [1, 3, 4]])
+def test_a_draft_skipping_only_identity_layers_is_always_accepted(skip):
+    """Layers 1, 3 and 4 add nothing to the residual stream, so a draft without them computes
+    exactly the target's q = p, provided each kept layer reads its own slot of the target's
+    cache. A draft reading another layer's keys and values stays exact (rejection sampling
+    repairs it) but gets rejections: this test sees them."""
+    model = model_with_identity_layers(6, identity=(1, 3, 4))
+    _, stats = sdfp.speculative_generate(model, torch.tensor([[3, 1, 4, 1, 5]]), skip, max_new_tokens=40, draft_len=4,
+                                         temperature=1.0, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert stats.drafted > 20 and stats.accepted == stats.drafted
 
 
 def test_fit_identity_layer_scores_zero_and_is_skipped_first():
