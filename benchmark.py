@@ -315,23 +315,25 @@ def rankings(args, model_path: str) -> list[dict]:
     device, dtype = sdfp.pick_device_and_dtype(args)
     model, tokenizer = sdfp.load_model(model_path, device, dtype)
     name = Path(model_path).name
-    table = sdfp.fisher_table(model, tokenizer, progress=False)
-    num_layers = table.num_layers
-    held_out = tokenizer(" ".join(tinystories_prompts(tokenizer, 60, 10_000)[40:]), return_tensors="pt", verbose=False)["input_ids"][:, :256].to(args.device)
-    bi = sdfp.block_influence(model, tokenizer)
+    scores = sdfp.cached_rankings(model, tokenizer, None, model_name=model_path, log=lambda message: print(f"[{name}] {message}", file=sys.stderr))
+    num_layers = sdfp.num_decoder_layers(model)
+    task = args.task[0] if args.task[0] != "all" else "tinystories"
+    budget = model.config.get_text_config().max_position_embeddings - args.max_new_tokens
+    prompts = PROMPTS[task](tokenizer, args.n, budget)
+    held_out_text = " ".join(p for p in PROMPTS[task](tokenizer, 4 * args.n + 20, budget) if p not in prompts)
+    held_out = tokenizer(held_out_text, return_tensors="pt", verbose=False)["input_ids"][:, :256].to(device)
     # the k lowest-scoring layers, by the very rule sdfp.py's FIT draft uses (ties to the lower index)
     lowest = lambda scores, k: sdfp.select_skipped_layers(scores, k / num_layers)  # noqa: E731
-    prompts = tinystories_prompts(tokenizer, args.n, model.config.max_position_embeddings - args.max_new_tokens)
     sampling = sdfp.Sampling(args.temperature, args.top_k, args.top_p)
     p_target = sdfp.teacher_forced_probs(model, held_out, [], sampling)  # once: every ranking is compared with it
     rows = []
-    ks = sorted({max(1, num_layers // 4), max(1, num_layers // 2)} | ({11} if num_layers == 24 else set()))
+    ks = args.k or sorted({max(1, num_layers // 4), max(1, num_layers // 2)} | ({11} if num_layers == 24 else set()))
     for k in ks:
         choices = {
-            "FIT (per tensor, default)": lowest(table.scores("tensor"), k),
-            "FIT (layer trace × mean θ²)": lowest(table.scores("layer"), k),
-            "FIT (element-wise Σ F θ²)": lowest(table.scores("elementwise"), k),
-            "Block Influence (ShortGPT)": lowest(bi, k),
+            "FIT (per tensor, default)": lowest(scores["fit"], k),
+            "FIT (layer trace × mean θ²)": lowest(scores["fit-layer"], k),
+            "FIT (element-wise Σ F θ²)": lowest(scores["fit-elementwise"], k),
+            "Block Influence (ShortGPT)": lowest(scores["bi"], k),
             "last k before the final layer": list(range(num_layers - 1 - k, num_layers - 1)),
             "every other layer": sorted(range(num_layers - 1, 0, -2)[:k]),  # odd layers, from the top
         }
@@ -381,6 +383,7 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--hf", action="store_true", help="also time Hugging Face generate, plain and with the exported draft")
     ap.add_argument("--rankings", action="store_true", help="compare FIT with other ways to choose the skipped layers")
     ap.add_argument("--gamma", type=int, default=3, help="draft length for --rankings")
+    ap.add_argument("--k", type=int, nargs="+", default=None, help="numbers of skipped layers for --rankings (default: L/4 and L/2)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: its own choice)")
     ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "float16", "bfloat16"], help="auto: as sdfp.py picks it")

@@ -18,19 +18,23 @@ References
 
 Map of this file (it runs top to bottom in the order the method does)
   1. Model anatomy     find the decoder layers of any Hugging Face causal LM
-  2. FIT scores        Tr(F_l) * E[dtheta_l^2] for every decoder layer l
-  3. The draft         skip the lowest-FIT layers; layer-skip forward on a shared cache
+  2. FIT scores        Tr(F_l) * E[dtheta_l^2] for every decoder layer l (and Block Influence)
+  3. The draft         skip the lowest-FIT layers; layer-skip forward on a shared cache;
+                       optionally a draft head that scores a subset of the vocabulary
   4. Probabilities     temperature -> top-k -> top-p, identical for draft and target
   5. Speculation       draft -> verify -> accept / resample -> roll the cache back
   6. Generation        speculative_generate and autoregressive_generate
-  7. Auto draft        choose the skipped layers and γ from the closed-form speedup
+  ----- tooling: not the method, but what makes it easy to use -----
+  7. Auto draft        choose the skipped layers, the head and γ from the closed-form speedup
   8. Export            the draft as a standalone Hugging Face checkpoint
-  9. Command line      python sdfp.py --model TinyLlama --prompt "..."
+  9. Command line      loading (GGUF, aliases, chat), python sdfp.py --model SmolLM2 --prompt "..."
   Appendix             the built-in calibration text
 
-Conventions: batch size 1; `V` is the vocabulary size, `L` the number of decoder layers,
-`γ` (gamma, `draft_len`) the number of tokens drafted per step. `p_target` always holds
-the full model's processed next-token probabilities, `q_draft` the draft's.
+Conventions: batch size 1; `L` is the number of decoder layers, k the number the draft skips,
+`vocab_size` the vocabulary size. `p_target` always holds the full model's processed
+next-token probabilities, `q_draft` the draft's. The names of the papers: γ (`draft_len`)
+tokens drafted per step, α the per-token acceptance rate, c the cost of a draft token and
+`verify_cost` (V in Leviathan et al.) the cost of verifying γ+1 tokens, both in plain steps.
 """
 
 from __future__ import annotations
@@ -387,10 +391,10 @@ def layer_skip(model: nn.Module, skip_layers: Sequence[int], cache=None, head: D
 class DraftHead:
     vocab: torch.Tensor  # (N,) the token ids the draft may propose
     linear: nn.Linear  # the model's own LM head, its rows for those tokens
-    vocab_size: int  # the full vocabulary V
+    vocab_size: int  # the size of the full vocabulary
 
     def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """(..., N) -> (..., V), -inf outside the subset: after softmax, q is 0 there."""
+        """(..., N) -> (..., vocab), -inf outside the subset: after softmax, q is 0 there."""
         full = logits.new_full((*logits.shape[:-1], self.vocab_size), -math.inf)
         return full.index_copy_(-1, self.vocab, logits)
 
@@ -478,7 +482,7 @@ class Sampling:
 
 
 def sampling_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """(..., V) logits -> (..., V) float32 probabilities after temperature, top-k, top-p."""
+    """(..., vocab) logits -> (..., vocab) float32 probabilities after temperature, top-k, top-p."""
     logits = logits.float()
     if sampling.temperature == 0:
         return nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
@@ -499,7 +503,7 @@ def sampling_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(..., V) probabilities -> (...,) sampled token ids."""
+    """(..., vocab) probabilities -> (...,) sampled token ids."""
     flat = probs.reshape(-1, probs.shape[-1])
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
 
@@ -523,7 +527,7 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
 
 
 def acceptance_probability(p_target: torch.Tensor, q_draft: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """min(1, p(x) / q(x)) for each drafted token x; p, q: (γ, V), tokens: (γ,)."""
+    """min(1, p(x) / q(x)) for each drafted token x; p, q: (γ, vocab), tokens: (γ,)."""
     p_x = p_target.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     q_x = q_draft.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # > 0: x was sampled from q
     return (p_x / q_x).clamp(max=1.0)
@@ -546,12 +550,12 @@ def draft(
     cache,
     last_token: torch.Tensor,
     skip_layers: Sequence[int],
-    n_draft: int,
+    draft_len: int,
     sampling: Sampling,
     generator: torch.Generator | None,
     head: DraftHead | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Propose n_draft tokens with the layer-skip draft. Returns (tokens (γ,), q_draft (γ, V)).
+    """Propose draft_len tokens with the layer-skip draft. Returns (tokens (γ,), q_draft (γ, vocab)).
 
     Each token is a sample from exactly the q row returned for it: that q is what the
     acceptance test divides by.
@@ -560,9 +564,9 @@ def draft(
     tokens, q_rows = [], []
     token = last_token  # (1, 1)
     with layer_skip(model, skip_layers, cache, head) as draft_cache:
-        for _ in range(n_draft):
-            logits = model(input_ids=token, cache=draft_cache, use_cache=True).logits[0, -1]  # (V,) or (N,)
-            q_draft = sampling_probs(logits if head is None else head.full_logits(logits), sampling)  # (V,)
+        for _ in range(draft_len):
+            logits = model(input_ids=token, cache=draft_cache, use_cache=True).logits[0, -1]  # (vocab,) or (N,)
+            q_draft = sampling_probs(logits if head is None else head.full_logits(logits), sampling)  # (vocab,)
             token = sample(q_draft, generator).view(1, 1)
             tokens.append(token.view(1))
             q_rows.append(q_draft)
@@ -571,9 +575,9 @@ def draft(
 
 
 def verify(model: nn.Module, cache, last_token: torch.Tensor, draft_tokens: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """One full-model forward over [last_token, d_1..d_γ]. Returns p_target (γ+1, V)."""
+    """One full-model forward over [last_token, d_1..d_γ]. Returns p_target (γ+1, vocab)."""
     input_ids = torch.cat([last_token.view(1), draft_tokens]).unsqueeze(0)  # (1, γ+1)
-    logits = model(input_ids=input_ids, cache=cache, use_cache=True).logits[0]  # (γ+1, V)
+    logits = model(input_ids=input_ids, cache=cache, use_cache=True).logits[0]  # (γ+1, vocab)
     return sampling_probs(logits, sampling)
 
 
@@ -582,7 +586,7 @@ def accept_or_resample(
 ) -> tuple[int, int]:
     """Rejection sampling over one draft. Returns (n_accepted, next token id).
 
-    p_target: (γ+1, V), q_draft: (γ, V), draft_tokens: (γ,). The next token is the
+    p_target: (γ+1, vocab), q_draft: (γ, vocab), draft_tokens: (γ,). The next token is the
     correction drawn from the residual at the first rejection, or the bonus drawn from
     p_target[γ] (already processed) when the whole draft is accepted.
     """
@@ -610,25 +614,25 @@ def speculative_step(
     cache,
     last_token: torch.Tensor,
     skip_layers: Sequence[int] | None,
-    n_draft: int,
+    draft_len: int,
     sampling: Sampling,
     generator: torch.Generator | None,
     head: DraftHead | None = None,
 ) -> StepResult:
-    """Draft n_draft tokens, verify them in one forward, keep the accepted ones.
+    """Draft draft_len tokens, verify them in one forward, keep the accepted ones.
 
-    With n_draft == 0 this is one step of plain autoregressive decoding.
+    With draft_len == 0 this is one step of plain autoregressive decoding.
     """
     start = cache_length(cache)
-    if n_draft == 0:
-        p_target = verify(model, cache, last_token, last_token.new_empty(0), sampling)  # (1, V)
+    if draft_len == 0:
+        p_target = verify(model, cache, last_token, last_token.new_empty(0), sampling)  # (1, vocab)
         return StepResult([int(sample(p_target[0], generator))], 0, 0)
-    draft_tokens, q_draft = draft(model, cache, last_token, skip_layers, n_draft, sampling, generator, head)
+    draft_tokens, q_draft = draft(model, cache, last_token, skip_layers, draft_len, sampling, generator, head)
     p_target = verify(model, cache, last_token, draft_tokens, sampling)
     n_accepted, next_token = accept_or_resample(p_target, q_draft, draft_tokens, generator)
     # the cache now holds last_token and all γ drafts; keep last_token and the accepted ones
     truncate_cache(cache, start + 1 + n_accepted)
-    return StepResult(draft_tokens[:n_accepted].tolist() + [next_token], n_draft, n_accepted)
+    return StepResult(draft_tokens[:n_accepted].tolist() + [next_token], draft_len, n_accepted)
 
 
 # -----------------------------------------------------------------------------
@@ -725,9 +729,9 @@ def _generate(
     last_token = input_ids[:, -1:]  # (1, 1)
 
     while len(new_tokens) < max_new_tokens:
-        # never draft past the budget: a step emits at most n_draft + 1 tokens
-        n_draft = min(draft_len, max_new_tokens - len(new_tokens) - 1)
-        step = speculative_step(model, cache, last_token, skip_layers, n_draft, sampling, generator, head)
+        # never draft past the budget: a step emits at most its draft length + 1 tokens
+        step_len = min(draft_len, max_new_tokens - len(new_tokens) - 1)
+        step = speculative_step(model, cache, last_token, skip_layers, step_len, sampling, generator, head)
         stats.record(step)
         tokens = step.tokens
         stop = next((i for i, t in enumerate(tokens) if t in eos), None)
@@ -829,7 +833,7 @@ def expected_speedup(alpha: float, draft_len: int, cost_ratio: float, verify_cos
 
 @torch.inference_mode()
 def teacher_forced_logits(model: nn.Module, input_ids: torch.Tensor, skip_layers: Sequence[int], first: int = 0) -> torch.Tensor:
-    """(B, T) texts -> (B, T - first, V): the next-token logits at every position t >= first,
+    """(B, T) texts -> (B, T - first, vocab): the next-token logits at every position t >= first,
     of the model without `skip_layers` ([]: the target)."""
     with layer_skip(model, skip_layers):
         return model(input_ids=input_ids).logits[:, first:]
@@ -860,7 +864,7 @@ def sample_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: in
     cache = new_cache(model)
     ids, step_input = prompts, prompts
     for _ in range(new_tokens):
-        logits = model(input_ids=step_input, cache=cache, use_cache=True).logits[:, -1]  # (B, V)
+        logits = model(input_ids=step_input, cache=cache, use_cache=True).logits[:, -1]  # (B, vocab)
         step_input = sample(sampling_probs(logits, sampling), generator).unsqueeze(-1)  # (B, 1)
         ids = torch.cat([ids, step_input], dim=1)
     return ids
@@ -1007,7 +1011,7 @@ class DraftPlan:
             return f"decoding plainly: {why} (planned in {self.seconds:.1f} s)"
         head = "the full head" if self.draft_vocab is None else f"a head over {len(self.draft_vocab)} tokens"
         return (
-            f"skip {len(self.skip_layers)} layers ({self.ranking} ranking), {head}, γ = {self.draft_len}: α = {self.alpha:.2f}, "
+            f"skip {len(self.skip_layers)} layers{f' ({self.ranking} ranking)' if self.skip_layers else ''}, {head}, γ = {self.draft_len}: α = {self.alpha:.2f}, "
             f"c = {self.cost_ratio:.2f}, V = {self.verify_cost:.2f}, predicted speedup {self.predicted_speedup:.2f}x (planned in {self.seconds:.1f} s)"
         )
 
@@ -1018,7 +1022,7 @@ def token_subset(mass: torch.Tensor, size: int, always: Sequence[int] = ()) -> t
     return torch.cat([mass.topk(size).indices, torch.tensor(list(always), dtype=torch.long, device=mass.device)]).unique()
 
 
-def plan_draft(
+def pladraft_len(
     model: nn.Module,
     tokenizer,
     rankings: Mapping[str, Sequence[float]] | Sequence[float],
@@ -1095,7 +1099,7 @@ def plan_draft(
         new_tokens = max(1, min(new_tokens, context - prompt_len - max(draft_lens) - 1))
         prompts = torch.cat(calibration_batches(tokenizer, texts, prompt_len, num_prompts)).to(device)  # (B, prompt_len)
         input_ids = sample_continuations(model, prompts, new_tokens, sampling, torch.Generator(device).manual_seed(0))
-        p_target = teacher_forced_probs(model, input_ids, [], sampling, first=prompt_len - 1)  # (B, new_tokens + 1, V)
+        p_target = teacher_forced_probs(model, input_ids, [], sampling, first=prompt_len - 1)  # (B, new_tokens + 1, vocab)
         for name, scores in rankings.items():
             best, since_best = 0.0, 0
             for k in range(shallowest, num_layers):
@@ -1541,7 +1545,7 @@ def choose_draft(model: nn.Module, tokenizer, rankings: Mapping[str, Sequence[fl
     draft_lens = range(1, 9) if args.draft_len == "auto" else [args.draft_len]
     compared = rankings if args.ranking == "auto" else {args.ranking: rankings[args.ranking]}
     sizes = {} if args.draft_vocab == "auto" else {"draft_vocab_sizes": [args.draft_vocab]}
-    plan = plan_draft(model, tokenizer, compared, sampling=Sampling(args.temperature, args.top_k, args.top_p), texts=texts, draft_lens=draft_lens, **sizes)
+    plan = pladraft_len(model, tokenizer, compared, sampling=Sampling(args.temperature, args.top_k, args.top_p), texts=texts, draft_lens=draft_lens, **sizes)
     log(f"auto draft: {plan.summary()}")
     return plan.skip_layers, plan.draft_len, plan.draft_vocab
 
