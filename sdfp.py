@@ -1022,7 +1022,7 @@ def token_subset(mass: torch.Tensor, size: int, always: Sequence[int] = ()) -> t
     return torch.cat([mass.topk(size).indices, torch.tensor(list(always), dtype=torch.long, device=mass.device)]).unique()
 
 
-def pladraft_len(
+def plan_draft(
     model: nn.Module,
     tokenizer,
     rankings: Mapping[str, Sequence[float]] | Sequence[float],
@@ -1545,7 +1545,7 @@ def choose_draft(model: nn.Module, tokenizer, rankings: Mapping[str, Sequence[fl
     draft_lens = range(1, 9) if args.draft_len == "auto" else [args.draft_len]
     compared = rankings if args.ranking == "auto" else {args.ranking: rankings[args.ranking]}
     sizes = {} if args.draft_vocab == "auto" else {"draft_vocab_sizes": [args.draft_vocab]}
-    plan = pladraft_len(model, tokenizer, compared, sampling=Sampling(args.temperature, args.top_k, args.top_p), texts=texts, draft_lens=draft_lens, **sizes)
+    plan = plan_draft(model, tokenizer, compared, sampling=Sampling(args.temperature, args.top_k, args.top_p), texts=texts, draft_lens=draft_lens, **sizes)
     log(f"auto draft: {plan.summary()}")
     return plan.skip_layers, plan.draft_len, plan.draft_vocab
 
