@@ -399,11 +399,8 @@ class DraftHead:
         return full.index_copy_(-1, self.vocab, logits)
 
 
-def draft_head(model: nn.Module, draft_vocab: torch.Tensor) -> DraftHead:
-    """Slice the model's LM head to `draft_vocab` (1-D, distinct ids), once per generation. The
-    model's own post-processing of logits (e.g. Gemma's final soft-cap) still applies."""
-    full = model.get_output_embeddings()
-    vocab_size = full.weight.shape[0]
+def check_draft_vocab(draft_vocab: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Refuse a subset that is not a set of this vocabulary's token ids; return it as a tensor."""
     ids = torch.as_tensor(draft_vocab)
     if ids.dim() != 1 or len(ids) == 0 or ids.dtype.is_floating_point:
         raise ValueError(f"draft_vocab must be a 1-D tensor of at least one token id; got shape {tuple(ids.shape)}.")
@@ -411,7 +408,15 @@ def draft_head(model: nn.Module, draft_vocab: torch.Tensor) -> DraftHead:
         raise ValueError(f"draft_vocab holds an id outside this model's vocabulary 0..{vocab_size - 1}; got {int(ids.min())}..{int(ids.max())}.")
     if len(ids.unique()) < len(ids):
         raise ValueError(f"draft_vocab holds {len(ids) - len(ids.unique())} repeated ids; pass each id once.")
-    ids = ids.to(full.weight.device)
+    return ids
+
+
+def draft_head(model: nn.Module, draft_vocab: torch.Tensor) -> DraftHead:
+    """Slice the model's LM head to `draft_vocab` (1-D, distinct ids), once per generation. The
+    model's own post-processing of logits (e.g. Gemma's final soft-cap) still applies."""
+    full = model.get_output_embeddings()
+    vocab_size = full.weight.shape[0]
+    ids = check_draft_vocab(draft_vocab, vocab_size).to(full.weight.device)
     linear = nn.Linear(full.in_features, len(ids), bias=full.bias is not None, device=ids.device, dtype=full.weight.dtype)
     with torch.no_grad():
         linear.weight.copy_(full.weight[ids])
@@ -700,6 +705,11 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def token_ids(ids: int | Sequence[int] | None) -> list[int]:
+    """None, one id or several, as a list."""
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+
 @torch.inference_mode()
 def _generate(
     model: nn.Module,
@@ -716,7 +726,7 @@ def _generate(
     """The one decoding loop: speculative when draft_len > 0, plain when draft_len == 0."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must have shape (1, T) with T >= 1; got {tuple(input_ids.shape)}.")
-    eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    eos = set(token_ids(eos_token_id))
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     stats = GenerationStats()
@@ -778,10 +788,9 @@ def speculative_generate(
     sampling = Sampling(temperature, top_k, top_p)
     head = None
     if draft_vocab is not None:
-        draft_head(model, draft_vocab)  # refuses a subset that is no set of token ids, as given
-        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        extra = torch.cat([input_ids.reshape(-1).cpu(), torch.tensor(eos, dtype=torch.long)])  # likely to come (back)
-        head = draft_head(model, torch.cat([torch.as_tensor(draft_vocab).cpu(), extra]).unique())
+        ids = check_draft_vocab(draft_vocab, model.get_output_embeddings().weight.shape[0]).cpu()  # as given
+        extra = torch.cat([input_ids.reshape(-1).cpu(), torch.tensor(token_ids(eos_token_id), dtype=torch.long)])  # likely to come (back)
+        head = draft_head(model, torch.cat([ids, extra]).unique())
     return _generate(model, input_ids, skip_layers, draft_len, max_new_tokens, sampling, eos_token_id, generator, on_tokens, head)
 
 
@@ -1016,9 +1025,10 @@ class DraftPlan:
         )
 
 
-def token_subset(mass: torch.Tensor, size: int, always: Sequence[int] = ()) -> torch.Tensor:
-    """The `size` tokens with the most predicted probability mass, plus `always` (end-of-turn
-    and special tokens, the prompt's tokens): the subset a draft head scores."""
+def token_subset(logits: torch.Tensor, size: int, always: Sequence[int] = ()) -> torch.Tensor:
+    """(positions, vocab) logits -> the `size` tokens with the most predicted probability mass
+    over those positions, plus `always` (end-of-turn and special tokens): a draft head's subset."""
+    mass = logits.float().softmax(-1).sum(0)  # (vocab,)
     return torch.cat([mass.topk(size).indices, torch.tensor(list(always), dtype=torch.long, device=mass.device)]).unique()
 
 
@@ -1070,7 +1080,7 @@ def plan_draft(
         logits = model(input_ids=timing_text.to(device), cache=cache, use_cache=True).logits
     vocab_size = logits.shape[-1]
     always = set(getattr(tokenizer, "all_special_ids", [])) | set(end_of_turn_ids(model, tokenizer))
-    heads = {size: draft_head(model, token_subset(logits[0].float().softmax(-1).sum(0), size, always)) for size in draft_vocab_sizes if 0 < size < vocab_size // 2}
+    heads = {size: draft_head(model, token_subset(logits[0], size, always)) for size in draft_vocab_sizes if 0 < size < vocab_size // 2}
     sizes = ([0] if 0 in draft_vocab_sizes or not heads else []) + list(heads)
     # A rough look first: V timed at γ = 1, 2, 4, 8 only, a γ in between charged the V of the
     # next timed γ above it (V grows with γ, so this errs on the dear side); the second look
@@ -1540,7 +1550,7 @@ def choose_draft(model: nn.Module, tokenizer, rankings: Mapping[str, Sequence[fl
         if args.draft_vocab not in ("auto", 0):  # the N likeliest tokens over the calibration text
             with torch.inference_mode():
                 logits = model(input_ids=calibration_batches(tokenizer, texts, 256, 1)[0].to(model.device)).logits[0]
-            draft_vocab = token_subset(logits.float().softmax(-1).sum(0), args.draft_vocab, end_of_turn_ids(model, tokenizer))
+            draft_vocab = token_subset(logits, args.draft_vocab, end_of_turn_ids(model, tokenizer))
         return skip_layers, 4 if args.draft_len == "auto" else args.draft_len, draft_vocab
     draft_lens = range(1, 9) if args.draft_len == "auto" else [args.draft_len]
     compared = rankings if args.ranking == "auto" else {args.ranking: rankings[args.ranking]}

@@ -1426,7 +1426,7 @@ def likely_tokens(model, tok, size):
     """The draft-head subset the planner would build: most predicted mass over calibration text."""
     with torch.no_grad():
         logits = model(input_ids=sdfp.calibration_batches(tok, None, 128, 1)[0]).logits[0]
-    return sdfp.token_subset(logits.float().softmax(-1).sum(0), size, sdfp.end_of_turn_ids(model, tok))
+    return sdfp.token_subset(logits, size, sdfp.end_of_turn_ids(model, tok))
 
 
 def hf_greedy(model, ids, max_new_tokens, eos):
