@@ -1026,7 +1026,7 @@ class DraftPlan:
         if self.draft_len == 0:
             best = max(self.candidates, key=lambda row: row["speedup"], default=None)
             bar = f"the {self.min_speedup:.2f}x worth speculating for"
-            why = f"no draft would reach {bar} even if every token were accepted"
+            why = f"no draft would reach {bar} even if every drafted token were accepted"
             if best:
                 draft = f"k = {best['k']}, γ = {best['draft_len']}"
                 why = f"the best draft ({draft}) predicts {best['speedup']:.2f}x, below {bar}"
@@ -1132,9 +1132,9 @@ def plan_draft(
         input_ids = sample_continuations(model, prompts, new_tokens, Sampling(1.0), generator)  # (B, T + new)
         target_logits = teacher_forced_logits(model, input_ids, [])  # (B, T + new, vocab)
         p_target = sampling_probs(target_logits[:, prompt_len - 1 :], sampling)  # the continuations
-        # The model's own continuations repeat their words, so they stay inside a head's tokens
-        # more often than text in use does and would flatter a small head (BENCHMARKS.md). A
-        # head's share of the target's mass is therefore also measured on the human-written
+        # Text the model writes keeps to its own likeliest tokens, so it stays inside a head's
+        # tokens more often than text in use does and would flatter a small head (BENCHMARKS.md).
+        # A head's share of the target's mass is therefore also measured on the human-written
         # snippets, and the α of its drafts scaled down by the ratio of the two shares.
         p_human = sampling_probs(target_logits[:, : prompt_len - 1], sampling)
         share = lambda p, size: p.index_select(-1, heads[size].vocab).sum(-1).mean().item()  # noqa: E731

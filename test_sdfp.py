@@ -818,18 +818,9 @@ def busy_wait(ms: float) -> None:
         pass
 
 
-def test_measure_costs_reads_planted_costs_per_draft_per_token_per_layer_and_v_per_gamma(monkeypatch):
-    # Plant costs that dwarf the tiny model's own compute (~5 ms a forward): every forward
-    # takes 60 ms, or 180 ms over 4 tokens and 120 ms over 5 (a verify cost that is not a
-    # line in γ, as on our CPU's BLAS), every decoder layer it runs 10 ms more, and entering
-    # the draft 40 ms, once per draft. A plain step is then 60 + 4 * 10 = 100 ms, so a
-    # γ-token draft from K layers costs (40 + γ (60 + 10K)) / 100 plain steps, c(K, γ) is
-    # that over γ, V(3) = (180 + 40) / 100 = 2.2 and V(4) = 1.6. The costs are busy waits:
-    # a loaded machine wakes a sleeping thread late, which added 8-13 ms to a 50-ms step.
-    model = tiny_model("llama", layers=4)
-    forward_ms = {4: 180, 5: 120}
-    hooks = [model.register_forward_pre_hook(lambda m, args, kwargs: busy_wait(forward_ms.get(kwargs["input_ids"].shape[1], 60)), with_kwargs=True)]
-    hooks += [layer.register_forward_pre_hook(lambda m, args: busy_wait(10)) for layer in sdfp.decoder_layer_list(model)[2]]
+def measure_planted_costs(monkeypatch, model, hooks, **kwargs):
+    """sdfp.measure_costs on `model` (8 tokens cached), entering a draft slowed by 40 ms and the
+    planted `hooks` removed afterwards. Returns (cache, measure_costs' cost models)."""
     layer_skip = sdfp.layer_skip
 
     @contextlib.contextmanager
@@ -843,10 +834,25 @@ def test_measure_costs_reads_planted_costs_per_draft_per_token_per_layer_and_v_p
         cache = sdfp.new_cache(model)
         with torch.inference_mode():
             model(input_ids=torch.ones(1, 8, dtype=torch.long), cache=cache, use_cache=True)
-        cost_ratio, verify_cost = sdfp.measure_costs(model, cache, [3, 4], sdfp.Sampling(), rounds=5)
+        return cache, sdfp.measure_costs(model, cache, sampling=sdfp.Sampling(), rounds=5, **kwargs)
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def test_measure_costs_reads_planted_costs_per_draft_per_token_per_layer_and_v_per_gamma(monkeypatch):
+    # Plant costs that dwarf the tiny model's own compute (~5 ms a forward): every forward
+    # takes 60 ms, or 180 ms over 4 tokens and 120 ms over 5 (a verify cost that is not a
+    # line in γ, as on our CPU's BLAS), every decoder layer it runs 10 ms more, and entering
+    # the draft 40 ms, once per draft. A plain step is then 60 + 4 * 10 = 100 ms, so a
+    # γ-token draft from K layers costs (40 + γ (60 + 10K)) / 100 plain steps, c(K, γ) is
+    # that over γ, V(3) = (180 + 40) / 100 = 2.2 and V(4) = 1.6. The costs are busy waits:
+    # a loaded machine wakes a sleeping thread late, which added 8-13 ms to a 50-ms step.
+    model = tiny_model("llama", layers=4)
+    forward_ms = {4: 180, 5: 120}
+    hooks = [model.register_forward_pre_hook(lambda m, args, kwargs: busy_wait(forward_ms.get(kwargs["input_ids"].shape[1], 60)), with_kwargs=True)]
+    hooks += [layer.register_forward_pre_hook(lambda m, args: busy_wait(10)) for layer in sdfp.decoder_layer_list(model)[2]]
+    cache, (cost_ratio, verify_cost) = measure_planted_costs(monkeypatch, model, hooks, draft_lens=[3, 4])
     assert sdfp.cache_length(cache) == 8  # every timed call rolled the cache back
     # the planted costs are lower bounds of the wall time; their ratios come back within 10%
     for kept in (1, 2, 4):
@@ -867,23 +873,7 @@ def test_measure_costs_reads_a_smaller_heads_planted_saving(monkeypatch):
     hooks += [layer.register_forward_pre_hook(lambda m, args: busy_wait(10)) for layer in sdfp.decoder_layer_list(model)[2]]
     hooks += [model.get_output_embeddings().register_forward_pre_hook(lambda m, args: busy_wait(30))]
     hooks += [head.linear.register_forward_pre_hook(lambda m, args: busy_wait(5))]
-    layer_skip = sdfp.layer_skip
-
-    @contextlib.contextmanager
-    def slow_to_enter(*args):
-        busy_wait(40)
-        with layer_skip(*args) as draft_cache:
-            yield draft_cache
-
-    monkeypatch.setattr(sdfp, "layer_skip", slow_to_enter)
-    try:
-        cache = sdfp.new_cache(model)
-        with torch.inference_mode():
-            model(input_ids=torch.ones(1, 8, dtype=torch.long), cache=cache, use_cache=True)
-        cost_ratio, _ = sdfp.measure_costs(model, cache, [3], sdfp.Sampling(), rounds=5, heads={4: head})
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _, (cost_ratio, _) = measure_planted_costs(monkeypatch, model, hooks, draft_lens=[3], heads={4: head})
     for kept in (1, 4):
         for gamma in (1, 4):
             assert cost_ratio(kept, gamma) == pytest.approx((40 / gamma + 60 + 10 * kept + 30) / 130, rel=0.1)
