@@ -1047,7 +1047,8 @@ def likely_tokens(model: nn.Module, tokenizer, logits: torch.Tensor, size: int) 
     probability mass over those positions, and every special and end-of-turn id."""
     mass = logits.float().softmax(-1).sum(0)  # (vocab,)
     always = set(getattr(tokenizer, "all_special_ids", [])) | set(end_of_turn_ids(model, tokenizer))
-    return torch.cat([mass.topk(size).indices, torch.tensor(sorted(always), device=mass.device)]).unique()
+    always = torch.tensor(sorted(always), dtype=torch.long, device=mass.device)  # long even when empty
+    return torch.cat([mass.topk(size).indices, always]).unique()
 
 
 def spread(snippets: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:

@@ -1153,6 +1153,15 @@ def test_plan_draft_stops_going_deeper_after_patience_drafts_that_do_not_beat_th
     )
 
 
+def test_likely_tokens_are_token_ids_even_for_a_model_without_special_or_end_of_turn_ids():
+    import types
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]])  # (positions, vocab): likeliest 1, then 3, then 2
+    no_ids = types.SimpleNamespace()  # neither a generation config nor special ids
+    head_vocab = sdfp.likely_tokens(no_ids, no_ids, logits, 2)
+    assert head_vocab.dtype == torch.long and head_vocab.tolist() == [1, 3]
+
+
 def test_a_fixed_draft_vocab_takes_the_tokens_the_plan_gives_a_head_of_that_size(tiny_folder):
     model, tok = sdfp.load_model(str(tiny_folder))
     args = sdfp.parse_args(["--model", "m", "--prompt", "p", "--skip-layers", "1", "--draft-vocab", "5"])
