@@ -7,9 +7,9 @@ and prints a markdown table:
 
   tok/s, speedup over plain decoding, acceptance rate (accepted / drafted), α (per-token
   acceptance, accepted / (accepted + rejections)), τ (new tokens per target forward, bonus
-  included), c (draft / target cost of one token), V (cost of verifying γ+1 tokens in one
-  forward / one single-token step), the closed-form prediction
-  S = (1 - α^(γ+1)) / ((1 - α)(γc + V)), and efficiency = measured / predicted.
+  included), c (draft / target cost of one token), verify (verify_cost: verifying γ+1 tokens in
+  one forward / one single-token step), the closed-form prediction
+  S = (1 - α^(γ+1)) / ((1 - α)(γc + verify_cost)), and efficiency = measured / predicted.
 
   python benchmark.py --model ../shared/models/echo24L --task all --n 20
   python benchmark.py --model ../shared/models/echo24L --task tinystories --hf  # + HF generate
@@ -320,16 +320,15 @@ def benchmark_model(args, model_path: str) -> list[dict]:
     for task in tasks:
         prompts = PROMPTS[task](tokenizer, args.n, context - args.max_new_tokens)
         totals = run_side_by_side(model, tokenizer, prompts, methods, args, sampling, f"{name}/{task}")
-        # c and V on this task's context, with the loop's own draft and verify
+        # c and verify_cost on this task's context, with the loop's own draft and verify
         cache = sdfp.new_cache(model)
         first = tokenizer(prompts[0], return_tensors="pt", verbose=False)["input_ids"].to(device)
         with torch.inference_mode():
             model(input_ids=first, cache=cache, use_cache=True)
         heads = {head_size: sdfp.draft_head(model, draft_vocab)} if head_size else {}
         cost_ratio, verify_cost = sdfp.measure_costs(model, cache, [max(draft_len, 1)], sampling, heads=heads)
-        c, v = cost_ratio(num_layers - len(skip), max(draft_len, 1), head_size), verify_cost(
-            max(draft_len, 1)
-        )
+        timed_len = max(draft_len, 1)
+        c, verify = cost_ratio(num_layers - len(skip), timed_len, head_size), verify_cost(timed_len)
         plain = totals["plain"]
         for method, stats in totals.items():
             row = dict(
@@ -353,9 +352,13 @@ def benchmark_model(args, model_path: str) -> list[dict]:
                     head=head_size or "all",
                 )
                 if method == "sdfp":
-                    predicted = sdfp.expected_speedup(alpha, draft_len, c, v)
+                    predicted = sdfp.expected_speedup(alpha, draft_len, c, verify)
                     row |= dict(
-                        alpha=alpha, c=c, V=v, predicted=predicted, efficiency=row["speedup"] / predicted
+                        alpha=alpha,
+                        c=c,
+                        verify_cost=verify,
+                        predicted=predicted,
+                        efficiency=row["speedup"] / predicted,
                     )
             rows.append(row)
     rows.append(
@@ -389,7 +392,7 @@ def markdown(rows: list[dict]) -> str:
         ("alpha", "α", "{:.2f}"),
         ("tau", "τ", "{:.2f}"),
         ("c", "c", "{:.2f}"),
-        ("V", "V", "{:.2f}"),
+        ("verify_cost", "verify", "{:.2f}"),
         ("predicted", "S pred.", "{:.2f}x"),
         ("efficiency", "efficiency", "{:.2f}"),
     ]
@@ -427,6 +430,7 @@ def rankings(args, model_path: str) -> list[dict]:
         log=lambda message: print(f"[{name}] {message}", file=sys.stderr),
     )
     num_layers = sdfp.num_decoder_layers(model)
+    draft_len = 3 if args.draft_len == "auto" else args.draft_len
     task = args.task[0] if args.task[0] != "all" else "tinystories"
     budget = model.config.get_text_config().max_position_embeddings - args.max_new_tokens
     prompts = PROMPTS[task](tokenizer, args.n, budget)
@@ -453,7 +457,7 @@ def rankings(args, model_path: str) -> list[dict]:
         }
         for seed in range(3):
             choices[f"random (seed {seed})"] = sorted(random.Random(seed).sample(range(num_layers), k))
-        methods = {"plain": ours([], 0)} | {label: ours(skip, args.gamma) for label, skip in choices.items()}
+        methods = {"plain": ours([], 0)} | {label: ours(skip, draft_len) for label, skip in choices.items()}
         totals = run_side_by_side(model, tokenizer, prompts, methods, args, sampling, f"{name}/k={k}")
         plain = totals["plain"]
         for label, skip in choices.items():
@@ -536,7 +540,7 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prune-ratio", default="auto")
-    ap.add_argument("--draft-len", default="auto")
+    ap.add_argument("--draft-len", default="auto", help="γ (auto: planned; with --rankings, 3)")
     ap.add_argument("--skip-layers", default=None)
     ap.add_argument("--ranking", default="auto", choices=("auto",) + sdfp.RANKINGS)
     ap.add_argument("--draft-vocab", default="auto")
@@ -546,7 +550,6 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument(
         "--rankings", action="store_true", help="compare FIT with other ways to choose the skipped layers"
     )
-    ap.add_argument("--gamma", type=int, default=3, help="draft length for --rankings")
     ap.add_argument(
         "--k",
         type=int,
@@ -566,8 +569,8 @@ def parse_args(argv) -> argparse.Namespace:
     )
     ap.add_argument("--json", default=None, metavar="FILE")
     args = ap.parse_args(argv)
-    if min(args.n, args.repeats, args.gamma, 1 if args.threads is None else args.threads) < 1:
-        raise sdfp.UserError("--n, --repeats, --gamma and --threads must be at least 1.")
+    if min(args.n, args.repeats, 1 if args.threads is None else args.threads) < 1:
+        raise sdfp.UserError("--n, --repeats and --threads must be at least 1.")
     sdfp.check_decoding_args(args)
     if not (SHARED_DATA / "tinystories").is_dir():
         raise sdfp.UserError(

@@ -31,10 +31,11 @@ Map of this file (it runs top to bottom in the order the method does)
   Appendix             the built-in calibration text
 
 Conventions: batch size 1; `L` is the number of decoder layers, k the number the draft skips,
-`vocab_size` the vocabulary size. `p_target` always holds the full model's processed
-next-token probabilities, `q_draft` the draft's. The names of the papers: γ (`draft_len`)
-tokens drafted per step, α the per-token acceptance rate, c the cost of a draft token and
-`verify_cost` (V in Leviathan et al.) the cost of verifying γ+1 tokens, both in plain steps.
+`kept` = L - k the number it runs, `vocab_size` the vocabulary size. `p_target` always holds
+the full model's processed next-token probabilities, `q_draft` the draft's. The names of the
+papers: γ (`draft_len`) tokens drafted per step, α the per-token acceptance rate, c the cost
+of a draft token in plain decoding steps. `verify_cost` is the cost of verifying γ+1 tokens in
+one forward, in the same steps; Leviathan et al. take it to be 1.
 """
 
 from __future__ import annotations
@@ -326,8 +327,8 @@ def layer_rankings(model: nn.Module, tokenizer, texts: Sequence[str] | None = No
 # It also reads the target's KV cache: for the verified prefix, every kept layer already
 # holds the keys and values the full model computed, and the draft attends to them.
 #
-# Inside `layer_skip` the model *is* a K-layer model: its ModuleList holds only the kept
-# layers, renumbered 0..K-1, and it gets a Cache whose K layer slots are the very same
+# Inside `layer_skip` the model *is* the smaller model: its ModuleList holds only the kept
+# layers, renumbered 0..kept-1, and it gets a Cache whose `kept` layer slots are the very same
 # objects as the target cache's slots for those layers. Whatever the draft appends lands
 # in the target's cache (we roll it back after drafting); skipped layers see nothing.
 # On exit, also after an exception, the model is put back exactly as it was.
@@ -357,7 +358,7 @@ def check_skip_layers(skip_layers: Sequence[int], num_layers: int) -> list[int]:
 @contextlib.contextmanager
 def layer_skip(model: nn.Module, skip_layers: Sequence[int], cache=None,
                head: DraftHead | None = None) -> Iterator[object]:
-    """Within the block, `model` is its K kept layers (and, given a `head`, scores only the
+    """Within the block, `model` is its kept layers (and, given a `head`, scores only the
     head's tokens); yields the draft's view of `cache`."""
     from transformers import Cache
 
@@ -536,12 +537,12 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
 # State between steps: `cache` holds keys and values for every committed token except
 # the last one, `last_token`, which is fed next. One step:
 #   draft   γ single-token forwards of the draft: last_token, d_1, ..., d_{γ-1} in,
-#           d_1..d_γ sampled from q_1..q_γ. Then the draft's K/V are removed again.
+#           d_1..d_γ sampled from q_1..q_γ. Then the draft's keys and values are removed.
 #   verify  one forward of the full model over [last_token, d_1, ..., d_γ]: p_1..p_{γ+1}.
 #   accept  d_i with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection draw
 #           from norm(max(0, p_i - q_i)) and stop; if all γ pass, draw a bonus from p_{γ+1}.
 #   rollback  keep the cache up to the last accepted token.
-# Why this is exact (Leviathan et al., Thm 1): a token x is emitted at position i either
+# Why this is exact (Chen et al., Thm 1; Leviathan et al., appendix): a token x is emitted either
 # as an accepted draft, with probability q(x) min(1, p(x)/q(x)) = min(p(x), q(x)), or after
 # a rejection, with probability (1 - sum_y min(p(y), q(y))) * max(0, p(x) - q(x)) / Z, and
 # Z = sum_y max(0, p(y) - q(y)) = 1 - sum_y min(p(y), q(y)). The sum is
@@ -619,15 +620,15 @@ def accept_or_resample(
     correction drawn from the residual at the first rejection, or the bonus drawn from
     p_target[γ] (already processed) when the whole draft is accepted.
     """
-    gamma = draft_tokens.shape[0]
-    u = torch.rand(gamma, generator=generator, device=p_target.device)  # fresh uniforms, one per token
-    accepted = u < acceptance_probability(p_target[:gamma], q_draft, draft_tokens)  # (γ,)
+    draft_len = draft_tokens.shape[0]  # γ
+    u = torch.rand(draft_len, generator=generator, device=p_target.device)  # fresh uniforms, one per token
+    accepted = u < acceptance_probability(p_target[:draft_len], q_draft, draft_tokens)  # (γ,)
     # index of the first rejection, or γ when there is none (one host sync per step)
     n_accepted = int(torch.cat([~accepted, accepted.new_ones(1)]).int().argmax())
-    if n_accepted < gamma:
+    if n_accepted < draft_len:
         next_dist = residual_distribution(p_target[n_accepted], q_draft[n_accepted])
     else:
-        next_dist = p_target[gamma]
+        next_dist = p_target[draft_len]
     return n_accepted, int(sample(next_dist, generator))
 
 
@@ -850,23 +851,26 @@ def autoregressive_generate(
 # 7. Choosing the draft automatically: which layers, which head, how many tokens
 #
 # The paper fixes the pruning ratio by hand. Three measured numbers give the best choice
-# through the closed form of Leviathan et al. (their Thm 1 and Eq. 1):
-#   α  the per-token acceptance probability E[sum_x min(p(x), q(x))]
-#   c  the cost of one draft token, in plain decoding steps (a single-token forward plus
-#      sampling); its share of entering and leaving the draft included, so c falls with γ
-#   V  `verify_cost`, the cost of verifying γ+1 tokens in one forward, in the same steps
-# A step drafts γ tokens (cost γc), verifies them (cost V) and yields on average
+# through the closed form of Leviathan et al.:
+#   α            the per-token acceptance probability E[sum_x min(p(x), q(x))]
+#   c            the cost of one draft token, in plain decoding steps (a single-token forward
+#                plus sampling); its share of entering and leaving the draft included, so c
+#                falls with γ
+#   verify_cost  the cost of verifying γ+1 tokens in one forward, in the same steps
+# A step drafts γ tokens (cost γc), verifies them (cost verify_cost) and yields on average
 # 1 + α + ... + α^γ = (1 - α^(γ+1)) / (1 - α) tokens, so the expected speedup is
 #
-#     S(k, N, γ) = (1 - α^(γ+1)) / ((1 - α) (γ c + V))
+#     S(k, N, γ) = (1 - α^(γ+1)) / ((1 - α) (γ c + verify_cost))
 #
-# for the draft that skips k layers and scores N tokens. α is measured teacher-forced on
-# text the model writes itself; c and V by timing the loop's own `draft` and `verify` on
-# this machine. The largest S wins; below `min_speedup` we decode plainly.
+# for the draft that skips k layers and scores N tokens. Leviathan et al. take verify_cost = 1,
+# true where a step is bound by reading the weights; on a CPU, verifying γ+1 tokens can cost up
+# to two steps, so it is measured. α is measured teacher-forced on text the model writes
+# itself; c and verify_cost by timing the loop's own `draft` and `verify` on this machine.
+# The largest S wins; below `min_speedup` we decode plainly.
 
 
 def expected_speedup(alpha: float, draft_len: int, cost_ratio: float, verify_cost: float) -> float:
-    """S = (1 - α^(γ+1)) / ((1 - α)(γc + V)): expected tokens per step over cost per step."""
+    """S = (1 - α^(γ+1)) / ((1 - α)(γc + verify_cost)): expected tokens per step over cost per step."""
     tokens = draft_len + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (draft_len + 1)) / (1.0 - alpha)
     return tokens / (draft_len * cost_ratio + verify_cost)
 
@@ -927,47 +931,47 @@ def relative_times(calls: Sequence[Callable[[], object]], device: torch.device,
     return [statistics.median(t / base for t, base in zip(call_times, times[0])) for call_times in times]
 
 
-def verify_call(model: nn.Module, cache, gamma: int, sampling: Sampling) -> Callable[[], None]:
+def verify_call(model: nn.Module, cache, draft_len: int, sampling: Sampling) -> Callable[[], None]:
     """A call to time: verify γ dummy tokens on top of `cache`, then roll it back (γ = 0: a plain step)."""
     start = cache_length(cache)
     last_token = torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device)
 
     def call():
-        verify(model, cache, last_token, last_token.new_zeros(gamma), sampling)
+        verify(model, cache, last_token, last_token.new_zeros(draft_len), sampling)
         truncate_cache(cache, start)
 
     return call
 
 
 @torch.inference_mode()
-def measure_verify_costs(model: nn.Module, cache, gammas: Sequence[int], sampling: Sampling,
+def measure_verify_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: Sampling,
                          rounds: int = 9) -> dict[int, float]:
-    """V(γ) for each γ in `gammas`, in plain steps, on top of `cache`.
+    """verify_cost(γ) for each γ in `draft_lens`, in plain steps, on top of `cache`.
 
     Each γ is timed and used as measured, not fitted by a line: a forward over several
     tokens runs other kernels than a single-token one, and which one the BLAS picks depends
-    on the number of rows, so V can be lower at γ = 4 than at γ = 3 (BENCHMARKS.md).
+    on the number of rows, so verifying can cost less at γ = 4 than at γ = 3 (BENCHMARKS.md).
     """
-    if not gammas:
+    if not draft_lens:
         return {}  # nothing to time, not even the plain step
-    calls = [verify_call(model, cache, gamma, sampling) for gamma in [0, *gammas]]
+    calls = [verify_call(model, cache, draft_len, sampling) for draft_len in [0, *draft_lens]]
     _, *costs = relative_times(calls, next(model.parameters()).device, rounds)
     # verifying γ+1 tokens is more work than one step: less is noise, which would flatter short drafts
-    return {gamma: max(1.0, cost) for gamma, cost in zip(gammas, costs)}
+    return {draft_len: max(1.0, cost) for draft_len, cost in zip(draft_lens, costs)}
 
 
 @torch.inference_mode()
 def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: Sampling, rounds: int = 9,
                   heads: Mapping[int, DraftHead] = {}) -> tuple[Callable[..., float], Callable[[int], float]]:
-    """The cost models of this machine, in plain steps: c(K, γ, N) for a draft token from K
-    kept layers in a draft of γ tokens with a head over N tokens (0: the full head), and
-    V(γ) for each γ in `draft_lens` (`measure_verify_costs`).
+    """The cost models of this machine, in plain steps: c(kept, γ, N) for a draft token from
+    `kept` layers in a draft of γ tokens with a head over N tokens (0: the full head), and
+    verify_cost(γ) for each γ in `draft_lens` (`measure_verify_costs`).
 
-    A draft of n tokens from K layers costs  fixed + n (per_token + K per_layer):  `fixed`
-    once per draft (entering, leaving, rollback), `per_token` for the embedding, head and
-    sampling, `per_layer` for each kept layer. The three are fitted by least squares to
-    one-token drafts at four depths and three-token drafts at two (steadier than timing
-    every (K, γ) once), so c(K, γ) = fixed / γ + per_token + K per_layer. A smaller head
+    A draft of γ tokens from `kept` layers costs  fixed + γ (per_token + kept per_layer):
+    `fixed` once per draft (entering, leaving, rollback), `per_token` for the embedding, head
+    and sampling, `per_layer` for each kept layer. The three are fitted by least squares to
+    one-token drafts at four depths and three-token drafts at two (steadier than timing every
+    (kept, γ) once), so c(kept, γ) = fixed / γ + per_token + kept per_layer. A smaller head
     saves, per token, what it saves in a one-token draft of all L layers: timed at full
     depth, where the other weights flush the CPU's caches between two head products as in
     use (next to one layer, a small head stays cached and its saving comes out too large).
@@ -977,28 +981,29 @@ def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: 
     last_token = torch.zeros(1, 1, dtype=torch.long, device=device)
     generator = torch.Generator(device).manual_seed(0)
 
-    def draft_call(kept: int, n: int, head: DraftHead | None = None):
+    def draft_call(kept: int, draft_len: int, head: DraftHead | None = None):
         skip = list(range(kept, num_layers))
-        return lambda: draft(model, cache, last_token, skip, n, sampling, generator, head)
+        return lambda: draft(model, cache, last_token, skip, draft_len, sampling, generator, head)
 
-    kept_counts = sorted({max(1, num_layers * quarter // 4) for quarter in range(4)})  # K < L
-    draft_shapes = [(kept, 1) for kept in kept_counts] + [(kept, 3) for kept in kept_counts[:2]]  # (K, n)
+    kept_counts = sorted({max(1, num_layers * quarter // 4) for quarter in range(4)})  # kept < L
+    draft_shapes = [(kept, 1) for kept in kept_counts] + [(kept, 3) for kept in kept_counts[:2]]  # (kept, γ)
     draft_shapes += [(num_layers, 1)] if heads else []  # with a smaller head a draft may keep all
-    calls = [draft_call(kept, n) for kept, n in draft_shapes]
+    calls = [draft_call(*shape) for shape in draft_shapes]
     calls += [draft_call(num_layers, 1, head) for head in heads.values()]
     _, *costs = relative_times([verify_call(model, cache, 0, sampling)] + calls, device, rounds)
     draft_costs, head_costs = costs[: len(draft_shapes)], costs[len(draft_shapes) :]
-    rows = torch.tensor([[1.0, n, n * kept] for kept, n in draft_shapes], dtype=torch.float64)
+    # one row (1, γ, γ kept) per timed draft: its cost is fixed + γ per_token + γ kept per_layer
+    rows = torch.tensor([[1.0, g, g * kept] for kept, g in draft_shapes], dtype=torch.float64)
     targets = torch.tensor(draft_costs, dtype=torch.float64).unsqueeze(-1)
     fixed, per_token, per_layer = torch.linalg.lstsq(rows, targets).solution.squeeze(-1).tolist()
     head_saving = {0: 0.0} | {size: draft_costs[-1] - cost for size, cost in zip(heads, head_costs)}
     verify_costs = measure_verify_costs(model, cache, sorted(set(draft_lens)), sampling, rounds)
 
-    def cost_ratio(kept: int, draft_len: int, vocab_size: int = 0) -> float:
-        return fixed / draft_len + per_token - head_saving[vocab_size] + kept * per_layer
+    def cost_ratio(kept: int, draft_len: int, head_size: int = 0) -> float:
+        return fixed / draft_len + per_token - head_saving[head_size] + kept * per_layer
 
-    def verify_cost(gamma: int) -> float:
-        return verify_costs[gamma] if gamma else 1.0
+    def verify_cost(draft_len: int) -> float:
+        return verify_costs[draft_len] if draft_len else 1.0
 
     return cost_ratio, verify_cost
 
@@ -1012,7 +1017,7 @@ class DraftPlan:
     cost_ratio: float
     verify_cost: float
     seconds: float  # how long planning took
-    candidates: list[dict]  # per (k, N) measured: skip_layers, ranking, α, c, the best γ, its V and S
+    candidates: list[dict]  # per (k, N) measured: skip_layers, ranking, α, c, best γ, verify_cost, S
     min_speedup: float  # below this predicted speedup we decode plainly
     ranking: str = ""  # the ranking whose draft won ("fit", "bi", ...)
     draft_vocab: torch.Tensor | None = None  # the tokens the draft's head scores (None: all)
@@ -1029,7 +1034,7 @@ class DraftPlan:
         head = "the full head" if self.draft_vocab is None else f"a head over {len(self.draft_vocab)} tokens"
         ranking = f" ({self.ranking} ranking)" if self.skip_layers else ""
         return (f"skip {len(self.skip_layers)} layers{ranking}, {head}, γ = {self.draft_len}:"
-                f" α = {self.alpha:.2f}, c = {self.cost_ratio:.2f}, V = {self.verify_cost:.2f},"
+                f" α = {self.alpha:.2f}, c = {self.cost_ratio:.2f}, verify cost {self.verify_cost:.2f},"
                 f" predicted speedup {self.predicted_speedup:.2f}x (planned in {self.seconds:.1f} s)")
 
 
@@ -1057,6 +1062,57 @@ def spread(snippets: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:
     return [snippets[i * len(snippets) // count] for i in range(min(count, len(snippets)))]
 
 
+def alpha_texts(model: nn.Module, pieces: Sequence[torch.Tensor], num_prompts: int, prompt_len: int,
+                new_tokens: int, max_draft_len: int) -> tuple[torch.Tensor, int]:
+    """(B, prompt_len + new_tokens) texts to measure α on, and prompt_len: `num_prompts` snippets
+    spread over the calibration text ahead of the last piece (all of it, if that is short), each
+    continued by the model itself, as in decoding."""
+    device = next(model.parameters()).device
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", 4096)
+    prompt_len = min(prompt_len, pieces[0].shape[1])
+    new_tokens = max(1, min(new_tokens, context - prompt_len - max_draft_len - 1))
+    ahead = torch.cat(pieces[:-1] or pieces, dim=1)[0]  # (tokens,)
+    text = ahead if len(ahead) >= num_prompts * prompt_len else torch.cat(pieces, dim=1)[0]
+    snippets = text[: len(text) // prompt_len * prompt_len].view(-1, prompt_len)  # (n, prompt_len)
+    prompts = torch.stack(spread(snippets, num_prompts)).to(device)  # (B, prompt_len)
+    # The continuations are sampled at temperature 1, whatever the decoding settings: greedy
+    # continuations of a small model fall into loops ("the colour at dawn, the colour at
+    # dawn, ...") that any draft predicts, and they would flatter every draft.
+    generator = torch.Generator(device).manual_seed(0)
+    return sample_continuations(model, prompts, new_tokens, Sampling(1.0), generator), prompt_len
+
+
+def acceptance_meter(model: nn.Module, input_ids: torch.Tensor, prompt_len: int, sampling: Sampling,
+                     heads: Mapping[int, DraftHead], sizes: Sequence[int]) -> Callable[[tuple], dict]:
+    """A function skip_layers -> {N: α} for every head size N in `sizes` (0: the full head):
+    α teacher-forced on the continuations in `input_ids` (B, T) past their prompt_len-token
+    human-written openings. The target's side is computed once, here."""
+    target_logits = teacher_forced_logits(model, input_ids, [])  # (B, T, vocab)
+    p_target = sampling_probs(target_logits[:, prompt_len - 1 :], sampling)  # the continuations
+    # Text the model writes keeps to its own likeliest tokens, so it stays inside a head's
+    # tokens more often than text in use does and would flatter a small head (BENCHMARKS.md).
+    # A head's share of the target's mass is therefore also measured on the human-written
+    # openings, and the α of its drafts scaled down by the ratio of the two shares.
+    p_human = sampling_probs(target_logits[:, : prompt_len - 1], sampling)
+    share = lambda p, size: p.index_select(-1, heads[size].vocab).sum(-1).mean().item()  # noqa: E731
+    coverage = {0: 1.0} | {size: min(1.0, share(p_human, size) / share(p_target, size)) for size in heads}
+    # A head over a subset gives the full head's logits for its tokens, and its q is 0
+    # outside them, where min(p, q) = 0: so one draft forward serves every N, and the α of
+    # a head is sum over its tokens of min(p, q), with q processed from those logits alone.
+    p_in_head = {0: p_target} | {size: p_target.index_select(-1, heads[size].vocab) for size in heads}
+
+    def alphas(skip_layers: tuple) -> dict[int, float]:
+        draft_logits = teacher_forced_logits(model, input_ids, skip_layers, first=prompt_len - 1)
+        measured = {}
+        for size in (n for n in sizes if skip_layers or n):  # k = 0 with the full head is the target
+            logits = draft_logits.index_select(-1, heads[size].vocab) if size else draft_logits
+            alpha = expected_acceptance(p_in_head[size], sampling_probs(logits, sampling))
+            measured[size] = alpha * coverage[size]
+        return measured
+
+    return alphas
+
+
 def plan_draft(
     model: nn.Module,
     tokenizer,
@@ -1080,36 +1136,36 @@ def plan_draft(
 
     `rankings` is {name: one score per layer} (or FIT's scores alone); the draft that skips
     k layers is a ranking's k lowest, and at each k the best measured α wins. N is one of
-    `draft_vocab_sizes` (0: the full head). c and V are timed over `first_rounds` rounds,
-    then V again over `second_rounds` for the `second_look` values of γ that predict most.
+    `draft_vocab_sizes` (0: the full head). c and verify_cost are timed over `first_rounds`
+    rounds, then verify_cost again over `second_rounds` for the `second_look` γ that predict most.
     """
     t0 = time.perf_counter()
-    device = next(model.parameters()).device
     num_layers = num_decoder_layers(model)
     rankings = dict(rankings) if isinstance(rankings, Mapping) else {"fit": list(rankings)}
     for name, scores in rankings.items():
         if len(scores) != num_layers:
             raise ValueError(f"The {name} ranking holds {len(scores)} scores but the model has {num_layers} "
                              "decoder layers; compute them for this model with layer_rankings.")
-    context = getattr(model.config.get_text_config(), "max_position_embeddings", 4096)
 
-    # Time on top of a few hundred tokens of context, as in use (attention, and so V, grows
-    # with it). The same forward's predictions choose each smaller head's tokens.
+    # Time on top of a few hundred tokens of context, as in use (attention, and so the cost
+    # of verifying, grows with it). The same forward's predictions choose each smaller head's tokens.
     pieces = calibration_pieces(model, tokenizer, texts, timing_context, max(draft_lens))
     cache = new_cache(model)
     with torch.inference_mode():
-        logits = model(input_ids=pieces[-1].to(device), cache=cache, use_cache=True).logits[0]  # (T, vocab)
+        timing_text = pieces[-1].to(next(model.parameters()).device)  # (1, T)
+        logits = model(input_ids=timing_text, cache=cache, use_cache=True).logits[0]  # (T, vocab)
     heads = {size: draft_head(model, likely_tokens(model, tokenizer, logits, size))
              for size in draft_vocab_sizes if 0 < size < logits.shape[-1] // 2}
     sizes = ([0] if 0 in draft_vocab_sizes or not heads else []) + list(heads)
-    # A rough first look times V at γ = 1, 2, 4, 8 only and charges a γ in between the V of
-    # the next timed γ above it (V grows with γ: this errs on the dear side).
+    # A rough first look times verify_cost at γ = 1, 2, 4, 8 only and charges a γ in between
+    # that of the next timed γ above it (it grows with γ: this errs on the dear side).
     timed = sorted({min((t for t in (1, 2, 4, 8) if t >= g), default=g) for g in draft_lens})
     cost_ratio, timed_verify_cost = measure_costs(model, cache, timed, sampling, first_rounds, heads)
-    rough_verify_cost = lambda gamma: timed_verify_cost(min(t for t in timed if t >= gamma))  # noqa: E731
+    rough_verify_cost = lambda g: timed_verify_cost(min(t for t in timed if t >= g))  # noqa: E731
 
-    def speedup(kept: int, size: int, alpha: float, gamma: int, verify_cost: Callable[[int], float]) -> float:
-        return expected_speedup(alpha, gamma, cost_ratio(kept, gamma, size), verify_cost(gamma))
+    def speedup(kept: int, size: int, alpha: float, draft_len: int,
+                verify_cost: Callable[[int], float]) -> float:
+        return expected_speedup(alpha, draft_len, cost_ratio(kept, draft_len, size), verify_cost(draft_len))
 
     def could_pay(kept: int, alpha: float) -> bool:
         best = max(speedup(kept, n, alpha, g, rough_verify_cost) for g in draft_lens for n in sizes)
@@ -1120,75 +1176,50 @@ def plan_draft(
     depths = range(0 if heads else 1, num_layers)
     shallowest = next((k for k in depths if could_pay(num_layers - k, 1.0)), None)
 
-    # α, teacher-forced on continuations the model writes of a few calibration snippets, as
-    # in decoding, spread over the text ahead of the last piece (all of it, if that is short).
-    drafts = {}  # (tuple(skip_layers), N) -> (α, the first ranking that proposed it)
+    drafts = {}  # skip_layers -> ({N: α}, the first ranking that proposed it)
     if shallowest is not None:
-        prompt_len = min(prompt_len, pieces[0].shape[1])
-        new_tokens = max(1, min(new_tokens, context - prompt_len - max(draft_lens) - 1))
-        ahead = torch.cat(pieces[:-1] or pieces, dim=1)[0]  # (tokens,)
-        text = ahead if len(ahead) >= num_prompts * prompt_len else torch.cat(pieces, dim=1)[0]
-        snippets = text[: len(text) // prompt_len * prompt_len].view(-1, prompt_len)  # (n, prompt_len)
-        prompts = torch.stack(spread(snippets, num_prompts)).to(device)  # (B, prompt_len)
-        # The continuations are sampled at temperature 1, whatever the decoding settings: greedy
-        # continuations of a small model fall into loops ("the colour at dawn, the colour at
-        # dawn, ...") that any draft predicts, and they would flatter every draft.
-        generator = torch.Generator(device).manual_seed(0)
-        input_ids = sample_continuations(model, prompts, new_tokens, Sampling(1.0), generator)  # (B, T + new)
-        target_logits = teacher_forced_logits(model, input_ids, [])  # (B, T + new, vocab)
-        p_target = sampling_probs(target_logits[:, prompt_len - 1 :], sampling)  # the continuations
-        # Text the model writes keeps to its own likeliest tokens, so it stays inside a head's
-        # tokens more often than text in use does and would flatter a small head (BENCHMARKS.md).
-        # A head's share of the target's mass is therefore also measured on the human-written
-        # snippets, and the α of its drafts scaled down by the ratio of the two shares.
-        p_human = sampling_probs(target_logits[:, : prompt_len - 1], sampling)
-        share = lambda p, size: p.index_select(-1, heads[size].vocab).sum(-1).mean().item()  # noqa: E731
-        coverage = {0: 1.0} | {size: min(1.0, share(p_human, size) / share(p_target, size)) for size in heads}
-        # A head over a subset gives the full head's logits for its tokens, and its q is 0
-        # outside them, where min(p, q) = 0: so one draft forward serves every N, and the α of
-        # a head is sum over its tokens of min(p, q), with q processed from those logits alone.
-        p_in_head = {0: p_target} | {size: p_target.index_select(-1, heads[size].vocab) for size in heads}
+        input_ids, prompt_len = alpha_texts(model, pieces, num_prompts, prompt_len, new_tokens,
+                                            max(draft_lens))
+        alphas = acceptance_meter(model, input_ids, prompt_len, sampling, heads, sizes)
         for name, scores in rankings.items():
             best, since_best = 0.0, 0
             for k in range(shallowest, num_layers):
                 skip = tuple(select_skipped_layers(scores, k / num_layers))
-                if (skip, sizes[-1]) not in drafts:
-                    draft_logits = teacher_forced_logits(model, input_ids, skip, first=prompt_len - 1)
-                    for size in (n for n in sizes if k or n):  # k = 0 with the full head is the target
-                        logits = draft_logits.index_select(-1, heads[size].vocab) if size else draft_logits
-                        alpha = expected_acceptance(p_in_head[size], sampling_probs(logits, sampling))
-                        drafts[skip, size] = (alpha * coverage[size], name)
-                alpha = max(drafts[key][0] for key in drafts if key[0] == skip)
-                predicted = max(speedup(num_layers - k, n, drafts[skip, n][0], g, rough_verify_cost)
-                                for n in sizes if (skip, n) in drafts for g in draft_lens)
+                if skip not in drafts:
+                    drafts[skip] = (alphas(skip), name)
+                alpha_of_head = drafts[skip][0]
+                predicted = max(speedup(num_layers - k, n, alpha, g, rough_verify_cost)
+                                for n, alpha in alpha_of_head.items() for g in draft_lens)
                 best, since_best = (predicted, 0) if predicted > best else (best, since_best + 1)
                 # Deeper drafts cost less but accept less: stop when even a one-layer draft
                 # could not pay at this α (α only falls from here), or when `patience` deeper
                 # drafts in a row have not beaten this ranking's best (S rises, peaks, falls).
-                if not could_pay(1, alpha) or since_best == patience:
+                if not could_pay(1, max(alpha_of_head.values())) or since_best == patience:
                     break
+    measured = [(list(skip), size, alpha, name)
+                for skip, (alpha_of_head, name) in drafts.items() for size, alpha in alpha_of_head.items()]
 
-    # The closed form is flat near its best γ, and one short timing of V can be off by 0.1,
-    # so V is timed again with more rounds at the few γ that come out best, unless even the
-    # best lies further below min_speedup than V's noise (~15%).
-    best_of_gamma = {g: max((speedup(num_layers - len(skip), n, alpha, g, rough_verify_cost)
-                             for (skip, n), (alpha, _) in drafts.items()), default=0.0) for g in draft_lens}
-    near_ties = sorted(sorted(best_of_gamma, key=best_of_gamma.get, reverse=True)[:second_look])
+    # The closed form is flat near its best γ, and one short timing of verify_cost can be off
+    # by 0.1, so it is timed again with more rounds at the few γ that come out best, unless
+    # even the best lies further below min_speedup than the timing's noise (~15%).
+    best_of_draft_len = {g: max((speedup(num_layers - len(skip), n, alpha, g, rough_verify_cost)
+                                 for skip, n, alpha, _ in measured), default=0.0) for g in draft_lens}
+    near_ties = sorted(sorted(best_of_draft_len, key=best_of_draft_len.get, reverse=True)[:second_look])
     verify_cost = rough_verify_cost
-    if drafts and max(best_of_gamma.values()) >= 0.85 * min_speedup:
+    if measured and max(best_of_draft_len.values()) >= 0.85 * min_speedup:
         verify_cost = measure_verify_costs(model, cache, near_ties, sampling, rounds=second_rounds).get
 
     best_per_k = {}  # (k, N) -> (skip_layers, α, ranking): the rankings' best draft of k layers
-    for (skip, size), (alpha, name) in drafts.items():
+    for skip, size, alpha, name in measured:
         if alpha > best_per_k.get((len(skip), size), (None, -1.0))[1]:
-            best_per_k[len(skip), size] = (list(skip), alpha, name)
+            best_per_k[len(skip), size] = (skip, alpha, name)
     candidates = []
     for (k, size), (skip, alpha, name) in sorted(best_per_k.items()):
         kept = num_layers - k
-        best_speedup, gamma = max((speedup(kept, size, alpha, g, verify_cost), g) for g in near_ties)
+        best_speedup, draft_len = max((speedup(kept, size, alpha, g, verify_cost), g) for g in near_ties)
         candidates.append(dict(k=k, draft_vocab_size=size, skip_layers=skip, ranking=name, alpha=alpha,
-                               cost_ratio=cost_ratio(kept, gamma, size), draft_len=gamma,
-                               verify_cost=verify_cost(gamma), speedup=best_speedup))
+                               cost_ratio=cost_ratio(kept, draft_len, size), draft_len=draft_len,
+                               verify_cost=verify_cost(draft_len), speedup=best_speedup))
     best = max(candidates, key=lambda row: row["speedup"], default=None)
     seconds = time.perf_counter() - t0
     if best is None or best["speedup"] < min_speedup:
@@ -1203,7 +1234,7 @@ def plan_draft(
 #
 # Hugging Face `generate(assistant_model=...)` and vLLM run speculative decoding with a
 # separate draft model. The SDFP draft becomes one by saving the model inside `layer_skip`:
-# its kept layers, renumbered 0..K-1, with the embeddings, final norm and LM head.
+# its kept layers, renumbered 0..kept-1, with the embeddings, final norm and LM head.
 
 
 def export_draft(model: nn.Module, tokenizer, skip_layers: Sequence[int], out_dir: str | os.PathLike, *,
@@ -1231,7 +1262,7 @@ def export_draft(model: nn.Module, tokenizer, skip_layers: Sequence[int], out_di
         if gguf_loaded:
             model.hf_quantizer = None
             vars(model.config).pop("quantization_config", None)
-        with layer_skip(model, skip):  # inside, the model and its config are the K-layer draft
+        with layer_skip(model, skip):  # inside, the model and its config are the draft's
             model.save_pretrained(out)
     finally:
         if gguf_loaded:

@@ -99,14 +99,14 @@ def assert_unchanged(model, before):
 
 
 def exact_joint(model, prompt, n_tokens, sampling):
-    """P(t_1..t_n | prompt) for every token tuple, by enumeration with full forwards: (V,)*n."""
+    """P(t_1..t_n | prompt) for every token tuple, by enumeration with full forwards: (vocab,)*n."""
     vocab = model.config.vocab_size
     joint = torch.ones(1, dtype=torch.float64)
     for depth in range(n_tokens):
         prefixes = list(itertools.product(range(vocab), repeat=depth))
         ids = torch.tensor([list(prompt) + list(t) for t in prefixes], device=model.device)
         with torch.no_grad():
-            logits = model(input_ids=ids).logits[:, -1]  # (V^depth, V)
+            logits = model(input_ids=ids).logits[:, -1]  # (vocab^depth, vocab)
         probs = sdfp.sampling_probs(logits, sampling).double().cpu()
         joint = (joint.reshape(-1, 1) * probs).reshape(-1)
     return joint.reshape((vocab,) * n_tokens)
@@ -579,7 +579,7 @@ def test_top_p_keeps_a_token_whose_predecessors_fall_short_and_drops_one_that_re
     """probs 0.5, 0.25, 0.25 (exact in binary) at top-p 0.75: the mass ahead of the third token
     is exactly 0.75, which already reaches top-p, so exactly one of the two tied tokens goes,
     as in Hugging Face's warper; at top-p 0.7501 all three stay."""
-    logits = torch.tensor([[0.5, 0.25, 0.25]]).log()  # (1, V): Hugging Face's warpers take batches
+    logits = torch.tensor([[0.5, 0.25, 0.25]]).log()  # (1, vocab): Hugging Face's warpers take batches
     kept = sdfp.sampling_probs(logits, sdfp.Sampling(1.0, top_p=0.75))
     assert sorted(kept[0].tolist()) == [0.0, pytest.approx(1 / 3), pytest.approx(2 / 3)]
     assert (hf_warped_probs(logits, sdfp.Sampling(1.0, top_p=0.75)) > 0).sum() == 2
@@ -830,7 +830,7 @@ def test_draft_tokens_are_samples_of_the_returned_q():
         counts, q_first = torch.zeros(8), None
         for _ in range(3000):
             tokens, q_draft = sdfp.draft(model, cache, torch.tensor([[3]]), [1, 2], 1, sampling, gen)
-            assert sdfp.cache_length(cache) == 2  # the draft's K/V are rolled back
+            assert sdfp.cache_length(cache) == 2  # the draft's keys and values are rolled back
             q_first = q_draft[0] if q_first is None else q_first
             torch.testing.assert_close(q_draft[0], q_first)
             counts[tokens[0]] += 1
@@ -944,8 +944,42 @@ def test_teacher_forced_acceptance_is_the_expected_acceptance_of_the_draft():
     assert teacher_forced_alpha(skip, warm, first=5) == pytest.approx(expected, rel=1e-6)
 
 
+def test_acceptance_meter_measures_each_head_as_the_decoding_loop_drafts_with_it():
+    """α of a draft with a head over N tokens: sum_x min(p(x), q(x)) with q processed from the
+    head's own logits, -inf outside its tokens (as `draft` samples it), times the head's
+    coverage: its share of the target's mass on the human-written openings over its share on
+    the model's continuations, when that is below 1. The target is never its own draft."""
+    model = tiny_model("llama", vocab=24, layers=4)
+    ids = torch.randint(24, (2, 20), generator=torch.Generator().manual_seed(0))
+    prompt_len, skip = 8, (1, 2)
+    sampling = sdfp.Sampling(temperature=0.9, top_k=12)
+    with torch.no_grad():
+        target_logits = model(input_ids=ids).logits  # (2, 20, vocab)
+        # a head over the 8 tokens the continuations favour: human text leaves it more often
+        head = sdfp.draft_head(
+            model, target_logits[:, prompt_len - 1 :].softmax(-1).sum((0, 1)).topk(8).indices
+        )
+        with sdfp.layer_skip(model, skip):
+            q_full = sdfp.sampling_probs(model(input_ids=ids).logits[:, prompt_len - 1 :], sampling)
+        with sdfp.layer_skip(model, skip, head=head):
+            head_logits = model(input_ids=ids).logits[:, prompt_len - 1 :]  # (2, 13, 8)
+            q_head = sdfp.sampling_probs(head.full_logits(head_logits), sampling)
+    p_target = sdfp.sampling_probs(target_logits[:, prompt_len - 1 :], sampling)
+    p_human = sdfp.sampling_probs(target_logits[:, : prompt_len - 1], sampling)
+    share = lambda probs: probs[..., head.vocab].sum(-1).mean().item()
+    coverage = share(p_human) / share(p_target)
+    assert 0 < coverage < 1
+
+    alphas = sdfp.acceptance_meter(model, ids, prompt_len, sampling, {8: head}, [0, 8])
+    measured = alphas(skip)
+    assert measured[0] == pytest.approx(torch.minimum(p_target, q_full).sum(-1).mean().item(), rel=1e-5)
+    expected = torch.minimum(p_target, q_head).sum(-1).mean().item() * coverage
+    assert measured[8] == pytest.approx(expected, rel=1e-5)
+    assert set(alphas(())) == {8}  # k = 0 with the full head would be the target itself
+
+
 def test_expected_speedup_closed_form():
-    # α = 0: every step yields one token and costs γc + V
+    # α = 0: every step yields one token and costs γc + verify_cost
     assert sdfp.expected_speedup(0.0, 3, 0.5, 1.2) == pytest.approx(1 / (3 * 0.5 + 1.2))
     # α = 1: γ + 1 tokens per step
     assert sdfp.expected_speedup(1.0, 3, 0.5, 1.2) == pytest.approx(4 / 2.7)
@@ -985,13 +1019,15 @@ def measure_planted_costs(monkeypatch, model, hooks, **kwargs):
             hook.remove()
 
 
-def test_measure_costs_reads_planted_costs_per_draft_per_token_per_layer_and_v_per_gamma(monkeypatch):
+def test_measure_costs_reads_planted_costs_per_draft_per_token_per_layer_and_verify_cost_per_draft_len(
+    monkeypatch,
+):
     # Plant costs that dwarf the tiny model's own compute (~5 ms a forward): every forward
     # takes 60 ms, or 180 ms over 4 tokens and 120 ms over 5 (a verify cost that is not a
     # line in γ, as on our CPU's BLAS), every decoder layer it runs 10 ms more, and entering
     # the draft 40 ms, once per draft. A plain step is then 60 + 4 * 10 = 100 ms, so a
-    # γ-token draft from K layers costs (40 + γ (60 + 10K)) / 100 plain steps, c(K, γ) is
-    # that over γ, V(3) = (180 + 40) / 100 = 2.2 and V(4) = 1.6. The costs are busy waits:
+    # γ-token draft from `kept` layers costs (40 + γ (60 + 10 kept)) / 100 plain steps, c(kept, γ)
+    # is that over γ, verify_cost(3) = (180 + 40) / 100 = 2.2 and verify_cost(4) = 1.6. The costs are busy waits:
     # a loaded machine wakes a sleeping thread late, which added 8-13 ms to a 50-ms step.
     model = tiny_model("llama", layers=4)
     forward_ms = {4: 180, 5: 120}
@@ -1009,8 +1045,9 @@ def test_measure_costs_reads_planted_costs_per_draft_per_token_per_layer_and_v_p
     assert sdfp.cache_length(cache) == 8  # every timed call rolled the cache back
     # the planted costs are lower bounds of the wall time; their ratios come back within 10%
     for kept in (1, 2, 4):
-        for gamma in (1, 4):  # the fixed 40 ms is shared by the γ tokens of a draft
-            assert cost_ratio(kept, gamma) == pytest.approx((40 / gamma + 60 + 10 * kept) / 100, rel=0.1)
+        for draft_len in (1, 4):  # the fixed 40 ms is shared by the γ tokens of a draft
+            expected = (40 / draft_len + 60 + 10 * kept) / 100
+            assert cost_ratio(kept, draft_len) == pytest.approx(expected, rel=0.1)
     assert verify_cost(3) == pytest.approx(2.2, rel=0.1) and verify_cost(4) == pytest.approx(1.6, rel=0.1)
     assert verify_cost(0) == 1.0
 
@@ -1018,8 +1055,9 @@ def test_measure_costs_reads_planted_costs_per_draft_per_token_per_layer_and_v_p
 @pytest.mark.slow
 def test_measure_costs_reads_a_smaller_heads_planted_saving(monkeypatch):
     # As above, plus a planted LM head: 30 ms for the full head, 5 ms for a head over 4 of the
-    # 12 tokens. A plain step is 60 + 4 * 10 + 30 = 130 ms; a draft token from K layers with
-    # the small head costs (40 / γ + 60 + 10 K + 5) / 130 plain steps, K = 4 (every layer) included.
+    # 12 tokens. A plain step is 60 + 4 * 10 + 30 = 130 ms; a draft token from `kept` layers with
+    # the small head costs (40 / γ + 60 + 10 kept + 5) / 130 plain steps, kept = 4 (every layer)
+    # included.
     model = tiny_model("llama", layers=4)
     head = sdfp.draft_head(model, torch.tensor([0, 3, 5, 7]))
     hooks = [model.register_forward_pre_hook(lambda m, args, kwargs: busy_wait(60), with_kwargs=True)]
@@ -1031,11 +1069,10 @@ def test_measure_costs_reads_a_smaller_heads_planted_saving(monkeypatch):
     hooks += [head.linear.register_forward_pre_hook(lambda m, args: busy_wait(5))]
     _, (cost_ratio, _) = measure_planted_costs(monkeypatch, model, hooks, draft_lens=[3], heads={4: head})
     for kept in (1, 4):
-        for gamma in (1, 4):
-            assert cost_ratio(kept, gamma) == pytest.approx((40 / gamma + 60 + 10 * kept + 30) / 130, rel=0.1)
-            assert cost_ratio(kept, gamma, 4) == pytest.approx(
-                (40 / gamma + 60 + 10 * kept + 5) / 130, rel=0.1
-            )
+        for draft_len in (1, 4):
+            full_head, small_head = (40 / draft_len + 60 + 10 * kept + head_ms for head_ms in (30, 5))
+            assert cost_ratio(kept, draft_len) == pytest.approx(full_head / 130, rel=0.1)
+            assert cost_ratio(kept, draft_len, 4) == pytest.approx(small_head / 130, rel=0.1)
 
 
 def planner_model(layers: int):
@@ -1046,8 +1083,9 @@ def planner_model(layers: int):
 
 
 def plant_costs(monkeypatch, per_layer: float):
-    """measure_costs planted: a draft token from K kept layers costs K * per_layer plain steps, V = 1."""
-    costs = (lambda kept, gamma, size=0: kept * per_layer, lambda gamma: 1.0)
+    """measure_costs planted: a draft token from `kept` layers costs kept * per_layer plain steps,
+    verify_cost = 1."""
+    costs = (lambda kept, draft_len, size=0: kept * per_layer, lambda draft_len: 1.0)
     monkeypatch.setattr(sdfp, "measure_costs", lambda *args, **kwargs: costs)
 
 
@@ -1086,9 +1124,9 @@ def test_plan_draft_skips_planted_identity_layers_and_declines_when_speculation_
 
 
 def test_plan_draft_does_not_measure_drafts_that_could_not_pay_even_if_always_accepted(monkeypatch):
-    # Planted costs: a draft token from K of the 6 layers costs K/6 plain steps, verifying
-    # costs 1. With α = 1 a step yields γ + 1 tokens, so S <= (γ + 1) / (γK/6 + 1): for
-    # γ <= 4 that stays below 1.5 when K >= 4 (k <= 2 skipped), and those α are not measured.
+    # Planted costs: a draft token from `kept` of the 6 layers costs kept/6 plain steps, verifying
+    # costs 1. With α = 1 a step yields γ + 1 tokens, so S <= (γ + 1) / (γ kept/6 + 1): for
+    # γ <= 4 that stays below 1.5 when kept >= 4 (k <= 2 skipped), and those α are not measured.
     model, tokenizer, fit = planner_model(6)
     plant_costs(monkeypatch, per_layer=1 / 6)
     measure_verify_costs, second_looks = (
@@ -1098,8 +1136,8 @@ def test_plan_draft_does_not_measure_drafts_that_could_not_pay_even_if_always_ac
     monkeypatch.setattr(
         sdfp,
         "measure_verify_costs",
-        lambda model, cache, gammas, sampling, rounds: second_looks.append(list(gammas))
-        or {g: 1.0 for g in gammas},
+        lambda model, cache, draft_lens, sampling, rounds: second_looks.append(list(draft_lens))
+        or {g: 1.0 for g in draft_lens},
     )
     teacher_forced_logits, measured = sdfp.teacher_forced_logits, []
 
@@ -1120,7 +1158,7 @@ def test_plan_draft_does_not_measure_drafts_that_could_not_pay_even_if_always_ac
     assert (plan.skip_layers, plan.draft_len, plan.predicted_speedup) == ([1, 3, 4], 4, pytest.approx(5 / 3))
     assert second_looks == [[2, 4]]  # the two γ that predict most (S = 1.5 and 5/3; γ = 1: 4/3)
     # no draft can reach 4x (one layer, always accepted: 5 / (4/6 + 1) = 3x): no text is
-    # written and nothing is measured, not even the target; V is not timed again, and the
+    # written and nothing is measured, not even the target; verify_cost is not timed again, and the
     # summary says why
     measured.clear()
     monkeypatch.setattr(
@@ -1140,7 +1178,7 @@ def test_plan_draft_does_not_measure_drafts_that_could_not_pay_even_if_always_ac
 
 @pytest.mark.parametrize("patience", [1, 2])
 def test_plan_draft_stops_going_deeper_after_patience_drafts_that_do_not_beat_the_best(monkeypatch, patience):
-    # Planted costs: c = K/8, V = 1. Skipping the three identity layers (k = 3) keeps α = 1, so S
+    # Planted costs: c = kept/8, verify_cost = 1. Skipping the three identity layers (k = 3) keeps α = 1, so S
     # rises to k = 3; every deeper draft skips a real layer and predicts less. The search measures
     # `patience` of them and stops, short of the deepest draft (k = 7).
     model, tokenizer, fit = planner_model(8)
@@ -1174,18 +1212,18 @@ def test_a_fixed_draft_vocab_takes_the_tokens_the_plan_gives_a_head_of_that_size
     )
 
 
-def test_plan_draft_times_v_again_for_the_near_ties_and_chooses_among_them(monkeypatch):
-    # The first look sees a flat V = 1.2 at every γ; the second look, asked only for the
-    # `second_look` γ that predicted the most, makes the shorter of them cheap (V = 1) and
-    # the longer dear (V = 3). The plan must use the second look's V, and only its γ.
+def test_plan_draft_times_verify_cost_again_for_the_near_ties_and_chooses_among_them(monkeypatch):
+    # The first look sees a flat verify_cost = 1.2 at every γ; the second look, asked only for
+    # the `second_look` γ that predicted the most, makes the shorter of them cheap (1) and the
+    # longer dear (3). The plan must use the second look's verify_cost, and only its γ.
     model, tokenizer, fit = planner_model(6)
     looks = []
 
-    def planted_verify_costs(model, cache, gammas, sampling, rounds):
-        looks.append((list(gammas), rounds))
+    def planted_verify_costs(model, cache, draft_lens, sampling, rounds):
+        looks.append((list(draft_lens), rounds))
         if len(looks) == 1:
-            return {g: 1.2 for g in gammas}
-        return {g: 1.0 if g == min(gammas) else 3.0 for g in gammas}
+            return {g: 1.2 for g in draft_lens}
+        return {g: 1.0 if g == min(draft_lens) else 3.0 for g in draft_lens}
 
     measure_costs, timed = sdfp.measure_costs, {}
 
@@ -1215,7 +1253,7 @@ def test_plan_draft_times_v_again_for_the_near_ties_and_chooses_among_them(monke
     }
     near_ties = sorted(sorted(draft_lens, key=first_look.get, reverse=True)[:2])
     assert looks[1] == (near_ties, 7)
-    for row in plan.candidates:  # every draft's γ is one of the near ties, with the second look's V
+    for row in plan.candidates:  # every draft's γ is one of the near ties, with the second look's verify_cost
         assert row["draft_len"] in near_ties
         assert row["verify_cost"] == (1.0 if row["draft_len"] == near_ties[0] else 3.0)
     assert (plan.draft_len, plan.verify_cost) == (near_ties[0], 1.0)
@@ -1759,7 +1797,9 @@ def test_benchmark_runs_both_methods_side_by_side_and_reports_the_closed_form(tm
         "skip_layers"
     ] == lowest_fit_layer(STORIES)
     assert 0.0 <= spec["alpha"] <= 1.0 and 1.0 <= spec["tau"] <= 4.0
-    assert spec["predicted"] == pytest.approx(sdfp.expected_speedup(spec["alpha"], 3, spec["c"], spec["V"]))
+    assert spec["predicted"] == pytest.approx(
+        sdfp.expected_speedup(spec["alpha"], 3, spec["c"], spec["verify_cost"])
+    )
     assert spec["efficiency"] == pytest.approx(spec["speedup"] / spec["predicted"])
     assert spec["speedup"] == pytest.approx(spec["tok_s"] / plain["tok_s"])  # the same tokens in less time
 
@@ -1882,11 +1922,11 @@ def test_smollm2_two_token_joint_matches_the_model_under_temperature_and_top_k(s
     sampling = sdfp.Sampling(temperature=1.2, top_k=3)
     ids = tok("My favourite fruit is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        first = sdfp.sampling_probs(model(input_ids=ids).logits[0, -1], sampling)  # (V,)
+        first = sdfp.sampling_probs(model(input_ids=ids).logits[0, -1], sampling)  # (vocab,)
         firsts = first.nonzero().squeeze(-1)  # the 3 tokens top-k keeps
         after = sdfp.sampling_probs(
             model(input_ids=torch.cat([ids.repeat(3, 1), firsts.unsqueeze(-1)], 1)).logits[:, -1], sampling
-        )  # (3, V)
+        )  # (3, vocab)
     cells = {
         (a, b): first[a].item() * after[i, b].item()
         for i, a in enumerate(firsts.tolist())
