@@ -1094,7 +1094,7 @@ def acceptance_meter(model: nn.Module, input_ids: torch.Tensor, prompt_len: int,
     # A head's share of the target's mass is therefore also measured on the human-written
     # openings, and the α of its drafts scaled down by the ratio of the two shares.
     p_human = sampling_probs(target_logits[:, : prompt_len - 1], sampling)
-    share = lambda p, size: p.index_select(-1, heads[size].vocab).sum(-1).mean().item()  # noqa: E731
+    share = lambda probs, size: probs.index_select(-1, heads[size].vocab).sum(-1).mean().item()  # noqa: E731
     coverage = {0: 1.0} | {size: min(1.0, share(p_human, size) / share(p_target, size)) for size in heads}
     # A head over a subset gives the full head's logits for its tokens, and its q is 0
     # outside them, where min(p, q) = 0: so one draft forward serves every N, and the α of
