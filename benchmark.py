@@ -197,9 +197,8 @@ def hf_method(model, draft=None, draft_len=0):
         )
         if draft_calls:
             stats.drafted = draft_calls.calls
-            stats.accepted = max(
-                0, len(tokens) - target_calls.calls
-            )  # each target forward yields one non-draft token
+            # each target forward yields one non-draft token
+            stats.accepted = max(0, len(tokens) - target_calls.calls)
         return tokens, stats
 
     return run
@@ -291,9 +290,8 @@ def benchmark_model(args, model_path: str) -> list[dict]:
     rankings = sdfp.cached_rankings(model, tokenizer, None, model_name=model_path, log=log)
     num_layers = sdfp.num_decoder_layers(model)
     t0 = time.perf_counter()
-    skip, draft_len, draft_vocab = sdfp.choose_draft(
-        model, tokenizer, rankings, args, texts=None, log=log
-    )  # as sdfp.py's command line does
+    # as sdfp.py's command line does
+    skip, draft_len, draft_vocab = sdfp.choose_draft(model, tokenizer, rankings, args, texts=None, log=log)
     how = "fixed" if sdfp.draft_is_fixed(args) else "auto"
     head_size = 0 if draft_vocab is None else len(draft_vocab)
     plan_seconds = time.perf_counter() - t0
@@ -326,8 +324,8 @@ def benchmark_model(args, model_path: str) -> list[dict]:
         with torch.inference_mode():
             model(input_ids=first, cache=cache, use_cache=True)
         heads = {head_size: sdfp.draft_head(model, draft_vocab)} if head_size else {}
-        cost_ratio, verify_cost = sdfp.measure_costs(model, cache, [max(draft_len, 1)], sampling, heads=heads)
         timed_len = max(draft_len, 1)
+        cost_ratio, verify_cost = sdfp.measure_costs(model, cache, [timed_len], sampling, heads=heads)
         c, verify = cost_ratio(num_layers - len(skip), timed_len, head_size), verify_cost(timed_len)
         plain = totals["plain"]
         for method, stats in totals.items():
@@ -439,9 +437,8 @@ def rankings(args, model_path: str) -> list[dict]:
     # the k lowest-scoring layers, by the very rule sdfp.py's FIT draft uses (ties to the lower index)
     lowest = lambda scores, k: sdfp.select_skipped_layers(scores, k / num_layers)  # noqa: E731
     sampling = sdfp.Sampling(args.temperature, args.top_k, args.top_p)
-    p_target = sdfp.teacher_forced_probs(
-        model, held_out, [], sampling
-    )  # once: every ranking is compared with it
+    # once: every ranking is compared with it
+    p_target = sdfp.teacher_forced_probs(model, held_out, [], sampling)
     rows = []
     ks = args.k or sorted(
         {max(1, num_layers // 4), max(1, num_layers // 2)} | ({11} if num_layers == 24 else set())
@@ -601,9 +598,8 @@ def run_benchmarks(args: argparse.Namespace) -> int:
 def main(argv=None) -> int:
     try:
         return run_benchmarks(parse_args(argv))
-    except (
-        sdfp.UserError
-    ) as error:  # a mistake in the options, a missing model or data: one line, exit code 2
+    except sdfp.UserError as error:
+        # a mistake in the options, a missing model or data: one line, exit code 2
         print(f"benchmark.py: error: {error}", file=sys.stderr)
         return 2
 

@@ -7,9 +7,8 @@ absent. Statistical tests use fixed seeds and state their false-alarm rate.
 
 import os
 
-os.environ.setdefault(
-    "HF_HUB_OFFLINE", "1"
-)  # here the hub is unreachable: fail fast, not after 25 s of retries
+# here the hub is unreachable: fail fast, not after 25 s of retries
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import contextlib
 import dataclasses
@@ -350,13 +349,10 @@ SLIDING = {
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_greedy_is_token_identical_across_the_sliding_window(arch, prompt_len, skip, draft_len):
     model = SLIDING[arch]()
-    ids = (
-        torch.arange(prompt_len).remainder(11).add(1).unsqueeze(0)
-    )  # prompts shorter and longer than the window
+    ids = torch.arange(prompt_len).remainder(11).add(1).unsqueeze(0)  # shorter and longer than the window
     plain, _ = sdfp.autoregressive_generate(model, ids, max_new_tokens=24)
-    reference = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)[
-        0, prompt_len:
-    ]
+    out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
+    reference = out[0, prompt_len:]
     spec, _ = sdfp.speculative_generate(model, ids, sorted(skip), max_new_tokens=24, draft_len=draft_len)
     assert torch.equal(plain, reference) and torch.equal(spec, plain)
 
@@ -396,9 +392,8 @@ def test_draft_keeps_each_kept_layers_attention_type():
         with sdfp.layer_skip(model, skip, cache) as draft_cache:
             assert model.config.layer_types == [types[l] for l in kept]
             assert draft_cache.is_sliding == [types[l] == "sliding_attention" for l in kept]
-            assert [layer is cache.layers[l] for layer, l in zip(draft_cache.layers, kept)] == [True] * len(
-                kept
-            )
+            same_slots = [layer is cache.layers[l] for layer, l in zip(draft_cache.layers, kept)]
+            assert same_slots == [True] * len(kept)
     assert model.config.layer_types == types
 
 
@@ -436,9 +431,8 @@ def test_draft_head_q_is_exactly_zero_outside_the_subset_and_samples_inside_it()
             model, cache, torch.tensor([[4]]), [1], 1, sdfp.Sampling(temperature=1.5), None
         )
     expected = q_full[0].masked_fill(outside, 0.0)
-    torch.testing.assert_close(
-        q_draft[0], expected / expected.sum(), atol=1e-6, rtol=0
-    )  # float32 probabilities
+    # float32 probabilities
+    torch.testing.assert_close(q_draft[0], expected / expected.sum(), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -509,9 +503,8 @@ def test_sampling_with_a_draft_head_that_leaves_out_likely_tokens_matches_the_mo
         counts[tuple(tokens.tolist())] += 1
         totals += stats
     assert 0.05 < totals.accepted / totals.drafted < 0.95
-    assert (
-        counts[joint == 0].sum() == 0 and counts[left_out[0]].sum() > 0
-    )  # left-out tokens still come, via the residual
+    # left-out tokens still come, via the residual
+    assert counts[joint == 0].sum() == 0 and counts[left_out[0]].sum() > 0
     assert chi_square_pvalue(counts, joint) > 1e-3
 
 
@@ -1026,9 +1019,10 @@ def test_measure_costs_reads_planted_costs_per_draft_per_token_per_layer_and_ver
     # takes 60 ms, or 180 ms over 4 tokens and 120 ms over 5 (a verify cost that is not a
     # line in γ, as on our CPU's BLAS), every decoder layer it runs 10 ms more, and entering
     # the draft 40 ms, once per draft. A plain step is then 60 + 4 * 10 = 100 ms, so a
-    # γ-token draft from `kept` layers costs (40 + γ (60 + 10 kept)) / 100 plain steps, c(kept, γ)
-    # is that over γ, verify_cost(3) = (180 + 40) / 100 = 2.2 and verify_cost(4) = 1.6. The costs are busy waits:
-    # a loaded machine wakes a sleeping thread late, which added 8-13 ms to a 50-ms step.
+    # γ-token draft from `kept` layers costs (40 + γ (60 + 10 kept)) / 100 plain steps,
+    # c(kept, γ) is that over γ, verify_cost(3) = (180 + 40) / 100 = 2.2 and verify_cost(4) = 1.6.
+    # The costs are busy waits: a loaded machine wakes a sleeping thread late, which added
+    # 8-13 ms to a 50-ms step.
     model = tiny_model("llama", layers=4)
     forward_ms = {4: 180, 5: 120}
     hooks = [
@@ -1129,10 +1123,8 @@ def test_plan_draft_does_not_measure_drafts_that_could_not_pay_even_if_always_ac
     # γ <= 4 that stays below 1.5 when kept >= 4 (k <= 2 skipped), and those α are not measured.
     model, tokenizer, fit = planner_model(6)
     plant_costs(monkeypatch, per_layer=1 / 6)
-    measure_verify_costs, second_looks = (
-        sdfp.measure_verify_costs,
-        [],
-    )  # measure_costs is planted, so every call here is plan_draft's second look
+    # measure_costs is planted, so every call here is plan_draft's second look
+    measure_verify_costs, second_looks = sdfp.measure_verify_costs, []
     monkeypatch.setattr(
         sdfp,
         "measure_verify_costs",
@@ -1170,17 +1162,15 @@ def test_plan_draft_does_not_measure_drafts_that_could_not_pay_even_if_always_ac
     assert (plain.skip_layers, plain.draft_len, plain.candidates, measured) == ([], 0, [], [])
     assert second_looks[1:] == []  # no second look
     monkeypatch.setattr(sdfp, "relative_times", lambda *args: pytest.fail("timed with no γ to time"))
-    assert (
-        measure_verify_costs(model, None, [], sdfp.Sampling(), 15) == {}
-    )  # asked for no γ, it times nothing
+    assert measure_verify_costs(model, None, [], sdfp.Sampling(), 15) == {}  # asked for no γ: times nothing
     assert "even if every drafted token were accepted" in plain.summary()
 
 
 @pytest.mark.parametrize("patience", [1, 2])
 def test_plan_draft_stops_going_deeper_after_patience_drafts_that_do_not_beat_the_best(monkeypatch, patience):
-    # Planted costs: c = kept/8, verify_cost = 1. Skipping the three identity layers (k = 3) keeps α = 1, so S
-    # rises to k = 3; every deeper draft skips a real layer and predicts less. The search measures
-    # `patience` of them and stops, short of the deepest draft (k = 7).
+    # Planted costs: c = kept/8, verify_cost = 1. Skipping the three identity layers (k = 3)
+    # keeps α = 1, so S rises to k = 3; every deeper draft skips a real layer and predicts less.
+    # The search measures `patience` of them and stops, short of the deepest draft (k = 7).
     model, tokenizer, fit = planner_model(8)
     plant_costs(monkeypatch, per_layer=1 / 8)
     settings = dict(draft_lens=(1, 2, 4), prompt_len=8, new_tokens=16, timing_context=32)
@@ -1239,10 +1229,8 @@ def test_plan_draft_times_verify_cost_again_for_the_near_ties_and_chooses_among_
     )
     plan = sdfp.plan_draft(model, tokenizer, fit, min_speedup=0.0, draft_lens=draft_lens, **settings)
 
-    assert len(looks) == 2 and looks[0] == (
-        [1, 2, 4],
-        2,
-    )  # the rough look times γ = 1, 2, 4 (and charges γ = 3 as 4)
+    # the rough look times γ = 1, 2, 4 (and charges γ = 3 as 4)
+    assert len(looks) == 2 and looks[0] == ([1, 2, 4], 2)
     # the second look: the two γ with the best first-look S over all drafts, 7 rounds
     first_look = {
         g: max(
@@ -1253,7 +1241,8 @@ def test_plan_draft_times_verify_cost_again_for_the_near_ties_and_chooses_among_
     }
     near_ties = sorted(sorted(draft_lens, key=first_look.get, reverse=True)[:2])
     assert looks[1] == (near_ties, 7)
-    for row in plan.candidates:  # every draft's γ is one of the near ties, with the second look's verify_cost
+    # every draft's γ is one of the near ties, with the second look's verify_cost
+    for row in plan.candidates:
         assert row["draft_len"] in near_ties
         assert row["verify_cost"] == (1.0 if row["draft_len"] == near_ties[0] else 3.0)
     assert (plan.draft_len, plan.verify_cost) == (near_ties[0], 1.0)
@@ -1405,9 +1394,8 @@ def test_packaged_gguf_is_assembled_once_and_checked(tmp_path, monkeypatch):
         sdfp.packaged_gguf(bad)
     assert list((tmp_path / "cache").glob("bad*")) == []  # nothing half-made is left to be trusted
     single = sdfp.PackagedModel("owner/model", "chunk", parts[:1])
-    assert (
-        sdfp.packaged_gguf(single) == tmp_path / "site" / "sdfp_test_part1" / "data" / "chunk"
-    )  # used in place
+    # used in place
+    assert sdfp.packaged_gguf(single) == tmp_path / "site" / "sdfp_test_part1" / "data" / "chunk"
 
 
 def test_aliases_fall_back_to_the_hub_when_their_packages_are_absent(monkeypatch):
@@ -1451,9 +1439,8 @@ class ChatTokenizer:
 def test_a_chat_model_gets_one_user_message_and_every_end_of_turn_id_stops_it():
     tok = ChatTokenizer()
     ids = sdfp.prompt_ids(tok, "hi")
-    assert (
-        "".join(map(chr, ids[0].tolist())) == "<|user|>hi<|end|><|assistant|>"
-    )  # the template adds its own markers
+    # the template adds its own markers
+    assert "".join(map(chr, ids[0].tolist())) == "<|user|>hi<|end|><|assistant|>"
     assert sdfp.prompt_ids(tok, "hi", chat=False)[0].tolist() == [1, ord("h"), ord("i")]  # --raw
     model = tiny_model("llama")
     model.generation_config.eos_token_id = [0, 3]
