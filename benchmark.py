@@ -232,7 +232,7 @@ def run_side_by_side(model, tokenizer, prompts, methods, args, sampling, desc):
     bursts of seconds on a shared machine, so the fastest of runs made minutes apart is the
     steadiest measure of a method."""
     max_new_tokens, seed, repeats = args.max_new_tokens, args.seed, args.repeats
-    context = model.config.max_position_embeddings
+    context = sdfp.context_length(model)
     encoded = [tokenizer(p, return_tensors="pt", verbose=False)["input_ids"] for p in prompts]
     eos = tokenizer.eos_token_id
     for name, method in methods.items():  # warm-up
@@ -314,7 +314,7 @@ def benchmark_model(args, model_path: str) -> list[dict]:
 
     rows = []
     tasks = TASKS[:3] if "all" in args.task else tuple(dict.fromkeys(args.task))  # all: the paper's three
-    context = model.config.max_position_embeddings
+    context = sdfp.context_length(model)
     for task in tasks:
         prompts = PROMPTS[task](tokenizer, args.n, context - args.max_new_tokens)
         totals = run_side_by_side(model, tokenizer, prompts, methods, args, sampling, f"{name}/{task}")
@@ -430,7 +430,7 @@ def rankings(args, model_path: str) -> list[dict]:
     num_layers = sdfp.num_decoder_layers(model)
     draft_len = 3 if args.draft_len == "auto" else args.draft_len
     task = args.task[0] if args.task[0] != "all" else "tinystories"
-    budget = model.config.get_text_config().max_position_embeddings - args.max_new_tokens
+    budget = sdfp.context_length(model) - args.max_new_tokens
     prompts = PROMPTS[task](tokenizer, args.n, budget)
     held_out_text = " ".join(p for p in PROMPTS[task](tokenizer, 4 * args.n + 20, budget) if p not in prompts)
     held_out = tokenizer(held_out_text, return_tensors="pt", verbose=False)["input_ids"][:, :256].to(device)

@@ -83,6 +83,11 @@ def num_decoder_layers(model: nn.Module) -> int:
     return len(decoder_layer_list(model)[2])
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The most positions the model was trained to attend over, or None where its config has no limit."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
 def parameter_group(name: str) -> str:
     """Which part of a decoder layer a parameter belongs to, for the per-group FIT table."""
     if "attn" in name or "attention" in name:
@@ -231,7 +236,7 @@ def fisher_table(
 
     layers = decoder_layer_list(model)[2]
     device = next(model.parameters()).device
-    seq_len = min(seq_len, getattr(model.config.get_text_config(), "max_position_embeddings", seq_len))
+    seq_len = min(seq_len, context_length(model) or seq_len)
     batches = calibration_batches(tokenizer, texts, seq_len, max_sequences)
 
     named = [(l, name, p) for l, layer in enumerate(layers) for name, p in layer.named_parameters()]
@@ -288,7 +293,7 @@ def block_influence(model: nn.Module, tokenizer, texts: Sequence[str] | None = N
     """BI of every decoder layer, averaged over the tokens of the calibration text."""
     layers = decoder_layer_list(model)[2]
     device = next(model.parameters()).device
-    seq_len = min(seq_len, getattr(model.config.get_text_config(), "max_position_embeddings", seq_len))
+    seq_len = min(seq_len, context_length(model) or seq_len)
     cosine_sums = [0.0] * len(layers)
 
     def hook(module, args, kwargs, output, l):
@@ -1043,7 +1048,7 @@ def calibration_pieces(model: nn.Module, tokenizer, texts: Sequence[str] | None,
     """The calibration text in (1, T) pieces of `length` tokens, or fewer where the model's
     context needs room for a draft and its verification after one. The last piece carries the
     timing and picks a draft head's tokens; α is measured ahead of it, where it cannot flatter."""
-    context = getattr(model.config.get_text_config(), "max_position_embeddings", 4096)
+    context = context_length(model) or 4096
     return calibration_batches(tokenizer, texts, max(1, min(length, context - max_draft_len - 2)), 64)
 
 
@@ -1068,7 +1073,7 @@ def alpha_texts(model: nn.Module, pieces: Sequence[torch.Tensor], num_prompts: i
     spread over the calibration text ahead of the last piece (all of it, if that is short), each
     continued by the model itself, as in decoding."""
     device = next(model.parameters()).device
-    context = getattr(model.config.get_text_config(), "max_position_embeddings", 4096)
+    context = context_length(model) or 4096
     prompt_len = min(prompt_len, pieces[0].shape[1])
     new_tokens = max(1, min(new_tokens, context - prompt_len - max_draft_len - 1))
     ahead = torch.cat(pieces[:-1] or pieces, dim=1)[0]  # (tokens,)
@@ -1661,7 +1666,7 @@ def run(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise UserError(str(error)) from None
     input_ids = prompt_ids(tokenizer, args.prompt, chat=not args.raw)
-    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    context = context_length(model)
     if context is not None and input_ids.shape[1] >= context:
         raise UserError(f"The prompt is {input_ids.shape[1]} tokens but the model's context is {context}; "
                         "shorten the prompt.")
