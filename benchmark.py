@@ -25,6 +25,7 @@ longer than the model's context loses exemplars (GSM8K) or article words (CNN/DM
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import random
@@ -204,7 +205,7 @@ def hf_method(model, draft=None, draft_len=0):
     return run
 
 
-def ours(skip_layers, draft_len, draft_vocab=None):
+def ours(skip_layers, draft_len, draft_vocab=None, quantized=None):
     def run(model, input_ids, max_new_tokens, eos_token_id, sampling, generator):
         settings = dict(
             max_new_tokens=max_new_tokens,
@@ -217,7 +218,13 @@ def ours(skip_layers, draft_len, draft_vocab=None):
         if draft_len == 0:
             return sdfp.autoregressive_generate(model, input_ids, **settings)
         return sdfp.speculative_generate(
-            model, input_ids, skip_layers, draft_len=draft_len, draft_vocab=draft_vocab, **settings
+            model,
+            input_ids,
+            skip_layers,
+            draft_len=draft_len,
+            draft_vocab=draft_vocab,
+            draft_quant=quantized,
+            **settings,
         )
 
     return run
@@ -257,10 +264,10 @@ def run_side_by_side(model, tokenizer, prompts, methods, args, sampling, desc):
                     if name not in fastest[i] or stats.seconds < fastest[i][name].seconds:
                         fastest[i][name] = stats
                     outputs[name] = tokens
-                if sampling.temperature == 0:  # greedy: every method must produce the same tokens
+                if sampling.temperature == 0:  # greedy: every method in one dtype makes the same tokens
                     reference = outputs[names[0]]
                     for name, tokens in outputs.items():
-                        if not torch.equal(tokens, reference):
+                        if not torch.equal(tokens, reference) and "float32" not in name:
                             print(
                                 f"warning: {name} differs from {names[0]}'s greedy output on prompt {i}",
                                 file=sys.stderr,
@@ -282,21 +289,34 @@ def describe_machine(device: str) -> str:
 
 def benchmark_model(args, model_path: str) -> list[dict]:
     device, dtype = sdfp.pick_device_and_dtype(args)
-    args.dtype = str(dtype).removeprefix("torch.")  # auto: what it chose, for the table
     model, tokenizer = sdfp.load_model(model_path, device, dtype)
     sampling = sdfp.Sampling(args.temperature, args.top_k, args.top_p)
     name = Path(model_path).name
     log = lambda message: print(f"[{name}] {message}", file=sys.stderr)  # noqa: E731
     rankings = sdfp.cached_rankings(model, tokenizer, None, model_name=model_path, log=log)
     num_layers = sdfp.num_decoder_layers(model)
+    tasks = TASKS[:3] if "all" in args.task else tuple(dict.fromkeys(args.task))  # all: the paper's three
+    context = sdfp.context_length(model)
+    prompts = {task: PROMPTS[task](tokenizer, args.n, context - args.max_new_tokens) for task in tasks}
+    # as sdfp.py does, for the task's median prompt (the first task's)
+    lengths = sorted(len(tokenizer(p, verbose=False)["input_ids"]) for p in prompts[tasks[0]])
+    path, described = sdfp.decoding_path(model, args.dtype, lengths[len(lengths) // 2], args.max_new_tokens)
+    # plain decoding in float32 with F.linear beside the chosen path, on a copy kept for it
+    float32_copy = copy.deepcopy(model) if path != "float32" and model.dtype == torch.float32 else None
+    sdfp.set_path(model, path)
+    log(f"on {device}, {described}")
     t0 = time.perf_counter()
     # as sdfp.py's command line does
-    skip, draft_len, draft_vocab = sdfp.choose_draft(model, tokenizer, rankings, args, texts=None, log=log)
+    skip, draft_len, draft_vocab, quantized = sdfp.choose_draft(
+        model, tokenizer, rankings, args, texts=None, log=log
+    )
     how = "fixed" if sdfp.draft_is_fixed(args) else "auto"
     head_size = 0 if draft_vocab is None else len(draft_vocab)
     plan_seconds = time.perf_counter() - t0
 
-    methods = {"plain": ours([], 0), "sdfp": ours(skip, draft_len, draft_vocab)}
+    methods = {"plain": ours([], 0), "sdfp": ours(skip, draft_len, draft_vocab, quantized)}
+    if float32_copy is not None:
+        methods["plain, float32 F.linear"] = lambda _model, *args: ours([], 0)(float32_copy, *args)
     tmp = None
     if args.hf:
         methods["hf plain"] = hf_method(model)
@@ -305,28 +325,31 @@ def benchmark_model(args, model_path: str) -> list[dict]:
             sdfp.export_draft(model, tokenizer, skip, tmp.name)
             from transformers import AutoModelForCausalLM
 
-            draft = (
-                AutoModelForCausalLM.from_pretrained(tmp.name, dtype=getattr(torch, args.dtype))
-                .to(device)
-                .eval()
-            )
+            draft = AutoModelForCausalLM.from_pretrained(tmp.name, dtype=model.dtype).to(device).eval()
             methods["hf assisted"] = hf_method(model, draft, draft_len)
 
     rows = []
-    tasks = TASKS[:3] if "all" in args.task else tuple(dict.fromkeys(args.task))  # all: the paper's three
-    context = sdfp.context_length(model)
     for task in tasks:
-        prompts = PROMPTS[task](tokenizer, args.n, context - args.max_new_tokens)
-        totals = run_side_by_side(model, tokenizer, prompts, methods, args, sampling, f"{name}/{task}")
+        totals = run_side_by_side(model, tokenizer, prompts[task], methods, args, sampling, f"{name}/{task}")
         # c and verify_cost on this task's context, with the loop's own draft and verify
         cache = sdfp.new_cache(model)
-        first = tokenizer(prompts[0], return_tensors="pt", verbose=False)["input_ids"].to(device)
+        first = tokenizer(prompts[task][0], return_tensors="pt", verbose=False)["input_ids"].to(device)
         with torch.inference_mode():
             model(input_ids=first, cache=cache, use_cache=True)
-        heads = {head_size: sdfp.draft_head(model, draft_vocab)} if head_size else {}
+        precision = "none" if quantized is None else quantized.precision
+        head_bits = None if quantized is None else 8  # a quantized draft's head is int8
+        heads = {precision: {head_size: sdfp.draft_head(model, draft_vocab, head_bits)}} if head_size else {}
         timed_len = max(draft_len, 1)
-        cost_ratio, verify_cost = sdfp.measure_costs(model, cache, [timed_len], sampling, heads=heads)
-        c, verify = cost_ratio(num_layers - len(skip), timed_len, head_size), verify_cost(timed_len)
+        cost_ratio, verify_cost = sdfp.measure_costs(
+            model,
+            cache,
+            [timed_len],
+            sampling,
+            heads=heads,
+            quantized={precision: quantized} if quantized else {},
+        )
+        c = cost_ratio(num_layers - len(skip), timed_len, head_size, precision)
+        verify = verify_cost(timed_len)
         plain = totals["plain"]
         for method, stats in totals.items():
             row = dict(
@@ -348,6 +371,7 @@ def benchmark_model(args, model_path: str) -> list[dict]:
                     skipped=len(skip),
                     draft_len=draft_len,
                     head=head_size or "all",
+                    weights=precision,
                 )
                 if method == "sdfp":
                     predicted = sdfp.expected_speedup(alpha, draft_len, c, verify)
@@ -367,8 +391,9 @@ def benchmark_model(args, model_path: str) -> list[dict]:
             skip_layers=skip,
             draft_len=draft_len,
             head=head_size or "all",
+            weights=sdfp.describe_weights(quantized),
             seconds=round(plan_seconds, 2),
-            dtype=args.dtype,
+            dtype=path,  # auto: what it chose
         )
     )
     if tmp is not None:
@@ -384,6 +409,7 @@ def markdown(rows: list[dict]) -> str:
         ("tok_s", "tok/s", "{:.1f}"),
         ("speedup", "speedup", "{:.2f}x"),
         ("skipped", "k", "{}"),
+        ("weights", "weights", "{}"),
         ("head", "N", "{}"),
         ("draft_len", "γ", "{}"),
         ("acceptance", "acc. rate", "{:.2f}"),
@@ -402,7 +428,8 @@ def markdown(rows: list[dict]) -> str:
             "| " + " | ".join(fmt.format(row[key]) if key in row else "" for key, _, fmt in cols) + " |"
         )
     notes = [
-        f"- {r['model']} ({r['dtype']}): {r['method']}: skip {r['skip_layers']}, head {r['head']},"
+        f"- {r['model']} ({r['dtype']}): {r['method']}: skip {r['skip_layers']}, {r['weights']},"
+        f" head {r['head']},"
         f" γ = {r['draft_len']} (chosen in {r['seconds']} s)"
         for r in rows
         if "skip_layers" in r
@@ -432,6 +459,8 @@ def rankings(args, model_path: str) -> list[dict]:
     task = args.task[0] if args.task[0] != "all" else "tinystories"
     budget = sdfp.context_length(model) - args.max_new_tokens
     prompts = PROMPTS[task](tokenizer, args.n, budget)
+    prompt_len = len(tokenizer(prompts[0], verbose=False)["input_ids"])
+    sdfp.set_path(model, sdfp.decoding_path(model, args.dtype, prompt_len, args.max_new_tokens)[0])
     held_out_text = " ".join(p for p in PROMPTS[task](tokenizer, 4 * args.n + 20, budget) if p not in prompts)
     held_out = tokenizer(held_out_text, return_tensors="pt", verbose=False)["input_ids"][:, :256].to(device)
     # the k lowest-scoring layers, by the very rule sdfp.py's FIT draft uses (ties to the lower index)
@@ -541,6 +570,7 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--skip-layers", default=None)
     ap.add_argument("--ranking", default="auto", choices=("auto",) + sdfp.RANKINGS)
     ap.add_argument("--draft-vocab", default="auto")
+    ap.add_argument("--draft-quant", default="auto", choices=("auto",) + sdfp.PRECISIONS)
     ap.add_argument(
         "--hf", action="store_true", help="also time Hugging Face generate, plain and with the exported draft"
     )
