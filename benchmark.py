@@ -264,10 +264,10 @@ def run_side_by_side(model, tokenizer, prompts, methods, args, sampling, desc):
                     if name not in fastest[i] or stats.seconds < fastest[i][name].seconds:
                         fastest[i][name] = stats
                     outputs[name] = tokens
-                if sampling.temperature == 0:  # greedy: every method in one dtype makes the same tokens
+                if sampling.temperature == 0:  # greedy: every method on the chosen path makes the same tokens
                     reference = outputs[names[0]]
                     for name, tokens in outputs.items():
-                        if not torch.equal(tokens, reference) and "float32" not in name:
+                        if not torch.equal(tokens, reference) and not name.startswith("plain, "):
                             print(
                                 f"warning: {name} differs from {names[0]}'s greedy output on prompt {i}",
                                 file=sys.stderr,
@@ -301,8 +301,11 @@ def benchmark_model(args, model_path: str) -> list[dict]:
     # as sdfp.py does, for the task's median prompt (the first task's)
     lengths = sorted(len(tokenizer(p, verbose=False)["input_ids"]) for p in prompts[tasks[0]])
     path, described = sdfp.decoding_path(model, args.dtype, lengths[len(lengths) // 2], args.max_new_tokens)
-    # plain decoding in float32 with F.linear beside the chosen path, on a copy kept for it
-    float32_copy = copy.deepcopy(model) if path != "float32" and model.dtype == torch.float32 else None
+    # plain decoding on other paths beside the chosen one (float32 with F.linear: --baselines), each on a copy
+    baselines = {}
+    for other in (p for p in args.baselines if p != path and model.dtype == torch.float32):
+        baselines[other] = copy.deepcopy(model)
+        sdfp.set_path(baselines[other], other)
     sdfp.set_path(model, path)
     log(f"on {device}, {described}")
     t0 = time.perf_counter()
@@ -315,8 +318,8 @@ def benchmark_model(args, model_path: str) -> list[dict]:
     plan_seconds = time.perf_counter() - t0
 
     methods = {"plain": ours([], 0), "sdfp": ours(skip, draft_len, draft_vocab, quantized)}
-    if float32_copy is not None:
-        methods["plain, float32 F.linear"] = lambda _model, *args: ours([], 0)(float32_copy, *args)
+    for other, baseline in baselines.items():
+        methods[f"plain, {other}"] = lambda _model, *args, baseline=baseline: ours([], 0)(baseline, *args)
     tmp = None
     if args.hf:
         methods["hf plain"] = hf_method(model)
@@ -593,6 +596,13 @@ def parse_args(argv) -> argparse.Namespace:
         default="float32",
         choices=["auto", "float32", "float16", "bfloat16"],
         help="auto: as sdfp.py picks it",
+    )
+    ap.add_argument(
+        "--baselines",
+        nargs="*",
+        default=["float32"],
+        choices=sdfp.PATHS,
+        help="also decode plainly on these paths (float32: F.linear), each on a copy of the model",
     )
     ap.add_argument("--json", default=None, metavar="FILE")
     args = ap.parse_args(argv)

@@ -4,7 +4,8 @@ A causal language model drafts tokens for *itself*: the draft is the same networ
 its least important decoder layers skipped, chosen by a Fisher Information Trace (FIT)
 score. The full network then checks the draft in one forward pass, and exact rejection
 sampling keeps the output distribution identical to the full model's. No training, no
-second model, no extra weights in memory.
+second model. On a CPU, whose steps cost what their weights weigh, the draft may instead keep
+its layers and read their weights rounded to int8 or int4, which FIT scores too.
 
 References
   Wei et al., 2026. "Speculative Decoding with FIT-Pruned Models for Training-Free and
@@ -15,19 +16,22 @@ References
       Speculative Sampling."                                     (rejection sampling)
   Zhang et al., 2024. "Draft & Verify: Lossless Large Language Model Acceleration via
       Self-Speculative Decoding."                                  (layer-skip drafts)
+  Georganas et al., 2025. "ML-SpecQD"; Tiwari et al., 2025. "QuantSpec."  (quantized drafts)
 
 Map of this file (it runs top to bottom in the order the method does)
   1. Model anatomy     find the decoder layers of any Hugging Face causal LM
   2. FIT scores        Tr(F_l) * E[dtheta_l^2] for every decoder layer l (and Block Influence)
   3. The draft         skip the lowest-FIT layers; layer-skip forward on a shared cache;
-                       optionally a draft head that scores a subset of the vocabulary
+                       optionally a draft head that scores a subset of the vocabulary,
+                       and weights rounded to int8 / int4
   4. Probabilities     temperature -> top-k -> top-p, identical for draft and target
   5. Speculation       draft -> verify -> accept / resample -> roll the cache back
   6. Generation        speculative_generate and autoregressive_generate
   ----- tooling: not the method, but what makes it easy to use -----
   7. Auto draft        choose the skipped layers, the head and γ from the closed-form speedup
   8. Export            the draft as a standalone Hugging Face checkpoint
-  9. Command line      loading (GGUF, aliases, chat), python sdfp.py --model SmolLM2 --prompt "..."
+  9. Command line      loading (GGUF, aliases, chat), the CPU's fastest path (dtype, prepacked
+                       weights), python sdfp.py --model SmolLM2 --prompt "..."
   Appendix             the built-in calibration text
 
 Conventions: batch size 1; `L` is the number of decoder layers, k the number the draft skips,
@@ -1761,7 +1765,7 @@ def cached_rankings(model: nn.Module, tokenizer, texts: Sequence[str] | None, *,
     weights = hashlib.sha256(json.dumps([shapes, [f"{s:.9e}" for s in sums]]).encode()).hexdigest()[:16]
     joined = "\x00".join([CALIBRATION_TEXT] if texts is None else texts)
     text = hashlib.sha256(joined.encode()).hexdigest()[:16]
-    path = fit_cache_dir() / f"rankings-{Path(model_name).name}-{weights}-{text}.json"
+    path = fit_cache_dir() / f"rankings-v2-{Path(model_name).name}-{weights}-{text}.json"  # v2: int8/int4 FIT
     if path.exists():
         log(f"FIT and BI scores from the cache: {path}")
         return json.loads(path.read_text())["rankings"]
@@ -1936,12 +1940,11 @@ def on_path(module: nn.Module, path: str, packable: set[nn.Module]) -> nn.Module
 
 def set_path(model: nn.Module, path: str) -> None:
     """Put `model` (float32) on `path` in place: "float32 prepacked", or a dtype's name."""
-    if path == "float32 prepacked":
-        packable = prepackable(model)
-        for parent in list(model.modules()):
-            for name, child in parent._modules.items():
-                if child in packable:
-                    parent._modules[name] = PrepackedLinear(child)
+    if path == "float32 prepacked":  # one linear at a time, its dense weight freed as it goes
+        packable = {id(linear) for linear in prepackable(model)}
+        for parent, name in [(parent, name) for parent in model.modules() for name in parent._modules]:
+            if id(parent._modules[name]) in packable:
+                parent._modules[name] = PrepackedLinear(parent._modules[name])
     else:
         nn.Module.to(model, getattr(torch, path))  # (transformers refuses model.to on a GGUF-loaded model)
 

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -485,9 +486,10 @@ def test_sampling_with_a_quantized_draft_matches_the_model_distribution(precisio
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="prepacking needs oneDNN")
-def test_a_prepacked_model_decodes_as_before_and_stays_a_hugging_face_model(tmp_path):
+def test_a_prepacked_model_decodes_as_before_and_stays_a_hugging_face_model(tmp_path, monkeypatch):
     """set_path(model, "float32 prepacked") swaps each untied float32 linear for a prepacked one
-    (the dense weight gone); greedy output, SDFP's included, and Hugging Face generate are those
+    (each dense weight freed before the next is packed: memory never holds both copies of the
+    model); greedy output, SDFP's included, and Hugging Face generate are those
     of the float32 model; the state dict holds the dense weights, so the draft exports; FIT,
     which needs them, says so."""
     torch.manual_seed(0)
@@ -495,9 +497,19 @@ def test_a_prepacked_model_decodes_as_before_and_stays_a_hugging_face_model(tmp_
     ids = torch.tensor([[1, 2, 3, 4]])
     plain, _ = sdfp.autoregressive_generate(model, ids, max_new_tokens=16)
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    dense = [weakref.ref(m.weight) for m in model.modules() if type(m) is torch.nn.Linear]
+    alive_when_packing = []
+
+    class Recorded(sdfp.PrepackedLinear):
+        def __init__(self, linear):
+            alive_when_packing.append(sum(weight() is not None for weight in dense))
+            super().__init__(linear)
+
+    monkeypatch.setattr(sdfp, "PrepackedLinear", Recorded)
     sdfp.set_path(model, "float32 prepacked")
     packed = [m for m in model.modules() if isinstance(m, sdfp.PrepackedLinear)]
     assert len(packed) == 4 * 7 + 1 and all("weight" not in m._parameters for m in packed)
+    assert alive_when_packing == list(range(len(dense), 0, -1))  # the packed ones' dense weights are gone
     assert (
         all(torch.equal(state[k], v) for k, v in model.state_dict().items())
         and state.keys() == model.state_dict().keys()
@@ -1299,7 +1311,9 @@ def test_measure_costs_reads_a_smaller_heads_planted_saving(monkeypatch):
     ]
     hooks += [model.get_output_embeddings().register_forward_pre_hook(lambda m, args: busy_wait(30))]
     hooks += [head.linear.register_forward_pre_hook(lambda m, args: busy_wait(5))]
-    _, (cost_ratio, _) = measure_planted_costs(monkeypatch, model, hooks, draft_lens=[3], heads={4: head})
+    _, (cost_ratio, _) = measure_planted_costs(
+        monkeypatch, model, hooks, draft_lens=[3], heads={"none": {4: head}}
+    )
     for kept in (1, 4):
         for draft_len in (1, 4):
             full_head, small_head = (40 / draft_len + 60 + 10 * kept + head_ms for head_ms in (30, 5))
@@ -2318,16 +2332,17 @@ def test_fit_and_block_influence_leave_smollm2_exactly_as_it_was(smollm2):
 @pytest.mark.parametrize(
     "alias,budget_s",
     [
-        pytest.param("SmolLM2", 25, marks=packaged("SmolLM2")),
-        pytest.param("Gemma3-270M", 50, marks=packaged("Gemma3-270M")),
+        pytest.param("SmolLM2", 40, marks=packaged("SmolLM2")),
+        pytest.param("Gemma3-270M", 100, marks=packaged("Gemma3-270M")),
     ],
 )
 def test_planner_on_a_real_llm_on_its_chosen_path_is_quick_and_chooses_its_best_measured_draft(
     alias, budget_s, request
 ):
     """On the path --dtype auto picks for the model on this CPU, the plan's choice follows from
-    what it measured, and planning stays quick (budget: about 2.4 times the median plan on this
-    shared 2-core CPU, where plans vary by ±25%; BENCHMARKS.md has the times)."""
+    what it measured, and planning stays quick (budget: about 2.4 times the median plan on a
+    shared 2-core CPU with AVX-512 and with AVX2 alone, 14-17 s and 41-42 s, where plans vary by
+    ±25%; BENCHMARKS.md has the times)."""
     import copy
 
     model, tok = request.getfixturevalue({"SmolLM2": "smollm2", "Gemma3-270M": "gemma3"}[alias])
