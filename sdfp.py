@@ -28,7 +28,8 @@ Map of this file (it runs top to bottom in the order the method does)
   5. Speculation       draft -> verify -> accept / resample -> roll the cache back
   6. Generation        speculative_generate and autoregressive_generate
   ----- tooling: not the method, but what makes it easy to use -----
-  7. Auto draft        choose the skipped layers, the head and γ from the closed-form speedup
+  7. Auto draft        choose the skipped layers, their precision, the head and γ from the
+                       closed-form speedup
   8. Export            the draft as a standalone Hugging Face checkpoint
   9. Command line      loading (GGUF, aliases, chat), the CPU's fastest path (dtype, prepacked
                        weights), python sdfp.py --model SmolLM2 --prompt "..."
