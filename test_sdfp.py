@@ -112,6 +112,25 @@ def exact_joint(model, prompt, n_tokens, sampling):
     return joint.reshape((vocab,) * n_tokens)
 
 
+def sampled_triples(model, prompt, n, generator, skip_layers=None, **kwargs):
+    """Counts over every token triple, (vocab,)*3, of n generations of 3 tokens after `prompt`:
+    speculative with the draft that skips `skip_layers` (kwargs: its γ, head, weights and the
+    sampling settings), or plain with skip_layers None; and their GenerationStats, summed."""
+    vocab = model.config.vocab_size
+    counts, totals = torch.zeros(vocab, vocab, vocab), sdfp.GenerationStats()
+    input_ids = torch.tensor([prompt], device=model.device)
+    for _ in range(n):
+        if skip_layers is None:
+            tokens, stats = sdfp.autoregressive_generate(model, input_ids, max_new_tokens=3, generator=generator,
+                                                         **kwargs)  # fmt: skip
+        else:
+            tokens, stats = sdfp.speculative_generate(model, input_ids, skip_layers, max_new_tokens=3,
+                                                      generator=generator, **kwargs)  # fmt: skip
+        counts[tuple(tokens.tolist())] += 1
+        totals += stats
+    return counts, totals
+
+
 def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     """Pearson chi-square goodness of fit; cells with expected count < 5 are pooled."""
     counts, probs = counts.reshape(-1).double(), probs.reshape(-1).double()
@@ -460,28 +479,13 @@ def test_sampling_with_a_quantized_draft_matches_the_model_distribution(precisio
     joint = exact_joint(model, prompt, 3, sdfp.Sampling(**setting))
     quantized = sdfp.quantized_draft(model, precision)
     gen = torch.Generator().manual_seed(1234)
-    counts, draft_counts, totals = torch.zeros(8, 8, 8), torch.zeros(8, 8, 8), sdfp.GenerationStats()
-    for _ in range(n):
-        tokens, stats = sdfp.speculative_generate(
-            model,
-            torch.tensor([prompt]),
-            skip,
-            max_new_tokens=3,
-            draft_len=2,
-            generator=gen,
-            draft_quant=quantized,
-            **setting,
-        )
-        counts[tuple(tokens.tolist())] += 1
-        totals += stats
+    counts, totals = sampled_triples(
+        model, prompt, n, gen, skip, draft_len=2, draft_quant=quantized, **setting
+    )
     assert 0.05 < totals.acceptance_rate < 0.95 and counts[joint == 0].sum() == 0
     assert chi_square_pvalue(counts, joint) > 1e-3
     with sdfp.layer_skip(model, skip, head=quantized.head, quantized=quantized):
-        for _ in range(n):
-            tokens, _ = sdfp.autoregressive_generate(
-                model, torch.tensor([prompt]), max_new_tokens=3, generator=gen, **setting
-            )
-            draft_counts[tuple(tokens.tolist())] += 1
+        draft_counts, _ = sampled_triples(model, prompt, n, gen, **setting)
     assert chi_square_pvalue(draft_counts, joint) < 1e-3
 
 
@@ -730,21 +734,7 @@ def test_sampling_with_a_draft_head_that_leaves_out_likely_tokens_matches_the_mo
     assert first[left_out].sum() > 0.3, "the tokens left out must matter for the test to mean anything"
     vocab = torch.tensor([t for t in range(8) if t not in left_out])
     gen = torch.Generator().manual_seed(99)
-    counts = torch.zeros(8, 8, 8)
-    totals = sdfp.GenerationStats()
-    for _ in range(n):
-        tokens, stats = sdfp.speculative_generate(
-            model,
-            torch.tensor([prompt]),
-            skip,
-            max_new_tokens=3,
-            draft_len=2,
-            generator=gen,
-            draft_vocab=vocab,
-            **setting,
-        )
-        counts[tuple(tokens.tolist())] += 1
-        totals += stats
+    counts, totals = sampled_triples(model, prompt, n, gen, skip, draft_len=2, draft_vocab=vocab, **setting)
     assert 0.05 < totals.accepted / totals.drafted < 0.95
     # left-out tokens still come, via the residual
     assert counts[joint == 0].sum() == 0 and counts[left_out[0]].sum() > 0
@@ -998,31 +988,18 @@ def test_speculative_sampling_matches_model_distribution(setting, device):
     sampling = sdfp.Sampling(**setting)
     prompt, skip, n = [1, 2], [1, 2], 1500
     joint = exact_joint(model, prompt, 3, sampling)
-    input_ids = torch.tensor([prompt])
 
     gen = torch.Generator(device).manual_seed(1234)
-    counts = torch.zeros(8, 8, 8)
-    drafted = accepted = 0
-    for _ in range(n):
-        tokens, stats = sdfp.speculative_generate(
-            model, input_ids, skip, max_new_tokens=3, draft_len=2, generator=gen, **setting
-        )
-        counts[tuple(tokens.tolist())] += 1
-        drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
+    counts, totals = sampled_triples(model, prompt, n, gen, skip, draft_len=2, **setting)
     assert (
-        0.05 < accepted / drafted < 0.95
+        0.05 < totals.accepted / totals.drafted < 0.95
     ), "the draft must differ from the target for the test to mean anything"
     assert counts[joint == 0].sum() == 0, "a sequence of probability 0 was generated"
     assert chi_square_pvalue(counts, joint) > 1e-3
 
     # Power: sampling from the draft alone must fail the very same test.
-    draft_counts = torch.zeros(8, 8, 8)
     with sdfp.layer_skip(model, skip):
-        for _ in range(n):
-            tokens, _ = sdfp.autoregressive_generate(
-                model, input_ids, max_new_tokens=3, generator=gen, **setting
-            )
-            draft_counts[tuple(tokens.tolist())] += 1
+        draft_counts, _ = sampled_triples(model, prompt, n, gen, **setting)
     assert chi_square_pvalue(draft_counts, joint) < 1e-3
 
 
