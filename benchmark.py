@@ -340,7 +340,7 @@ def benchmark_model(args, model_path: str) -> list[dict]:
         with torch.inference_mode():
             model(input_ids=first, cache=cache, use_cache=True)
         precision = "none" if quantized is None else quantized.precision
-        head_bits = None if quantized is None else 8  # a quantized draft's head is int8
+        head_bits = None if quantized is None else sdfp.HEAD_BITS
         heads = {precision: {head_size: sdfp.draft_head(model, draft_vocab, head_bits)}} if head_size else {}
         timed_len = max(draft_len, 1)
         cost_ratio, verify_cost = sdfp.measure_costs(

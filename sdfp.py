@@ -551,6 +551,7 @@ def draft_head(model: nn.Module, draft_vocab: torch.Tensor | None, bits: int | N
 # cache stays the target's. Rejection sampling stays exact: q is what the draft computes.
 
 QUANT_BITS = {"int8": 8, "int4": 4}
+HEAD_BITS = 8  # a quantized draft's LM head, whatever its layers' precision (`quantized_drafts`)
 PRECISIONS = ("none", *QUANT_BITS, "fit")  # "fit": int4 where FIT says it costs least, int8 elsewhere
 
 
@@ -662,7 +663,7 @@ def quantized_drafts(model: nn.Module, precisions: Sequence[str],
                     by_bits = {b: QuantizedLinear(weight, child.bias, b) for b in {bits[p][l] for p in bits}}
                     for precision in bits:
                         twins[precision][l].append((parent, name, by_bits[bits[precision][l]]))
-    head = draft_head(model, None, 8) if bits else None
+    head = draft_head(model, None, HEAD_BITS) if bits else None
     return {p: QuantizedDraft(p, bits[p], twins[p], head) for p in bits}
 
 
@@ -1059,7 +1060,7 @@ def speculative_generate(
         # the prompt's tokens are likely to come back, and an end of turn to come
         eos = torch.tensor(token_ids(eos_token_id), dtype=torch.long)
         extra = torch.cat([input_ids.reshape(-1).cpu(), eos])
-        bits = None if quantized is None else 8  # (a quantized draft's head is int8)
+        bits = None if quantized is None else HEAD_BITS
         head = draft_head(model, torch.cat([ids, extra]).unique(), bits)
     return _generate(model, input_ids, skip_layers, draft_len, max_new_tokens, sampling, eos_token_id,
                      generator, on_tokens, head, quantized)
@@ -1451,9 +1452,10 @@ def plan_draft(
     head_tokens = {size: likely_tokens(model, tokenizer, logits, size)
                    for size in draft_vocab_sizes if 0 < size < logits.shape[-1] // 2}
     head_weight = model.get_output_embeddings().weight.detach()  # (once: a prepacked head unpacks a copy)
+    bits_of = {kind: None if kind == "none" else HEAD_BITS for kind in kinds}
     heads_of_bits = {bits: {n: draft_head(model, ids, bits, head_weight) for n, ids in head_tokens.items()}
-                     for bits in {None if kind == "none" else 8 for kind in kinds}}
-    heads = {kind: heads_of_bits[None if kind == "none" else 8] for kind in kinds}  # (quantized: int8 heads)
+                     for bits in set(bits_of.values())}
+    heads = {kind: heads_of_bits[bits_of[kind]] for kind in kinds}
     del head_weight
     sizes = ([0] if 0 in draft_vocab_sizes or not head_tokens else []) + list(head_tokens)
     # A rough first look times verify_cost at γ = 1, 2, 4, 8 only and charges a γ in between
@@ -1488,8 +1490,8 @@ def plan_draft(
     finer = {"int8": [], "fit": ["int8"], "int4": ["int8", "fit"], "none": []}
     drafts = {}  # (skip_layers, precision) -> ({N: α}, the first ranking that proposed it)
     alphas = None
+    fit = "fit" if "fit" in skip_rankings else [*skip_rankings][0]
     for kind in sorted(kinds, key=list(finer).index):
-        fit = "fit" if "fit" in skip_rankings else [*skip_rankings][0]
         names = list(skip_rankings) if kind == "none" else [fit]
         for name in names:
             best, since_best, ceiling = 0.0, 0, dict.fromkeys(sizes, 1.0)
@@ -1917,18 +1919,18 @@ class PrepackedLinear(nn.Linear):
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
 
-def prepackable(model: nn.Module) -> set[nn.Module]:
-    """The float32 linears whose weight no other module shares: packing a tied LM head would
-    leave its embedding's dense copy beside the packed one."""
+def prepackable(model: nn.Module) -> set[int]:
+    """The ids of the float32 linears whose weight no other module shares: packing a tied LM head
+    would leave its embedding's dense copy beside the packed one. (Ids: the set holds no module.)"""
     uses = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    return {m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
+    return {id(m) for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
             and uses[id(m.weight)] == 1}
 
 
-def on_path(module: nn.Module, path: str, packable: set[nn.Module]) -> nn.Module:
+def on_path(module: nn.Module, path: str, packable: set[int]) -> nn.Module:
     """A module that holds parameters itself (linear, norm, embedding) as it computes on `path`:
     itself (float32), a copy in bfloat16, or prepacked (a linear in `packable`)."""
-    if path == "float32 prepacked" and module in packable:
+    if path == "float32 prepacked" and id(module) in packable:
         return PrepackedLinear(module)
     if path not in ("float32", "float32 prepacked"):
         twin = copy.copy(module)
@@ -1942,10 +1944,9 @@ def on_path(module: nn.Module, path: str, packable: set[nn.Module]) -> nn.Module
 def set_path(model: nn.Module, path: str) -> None:
     """Put `model` (float32) on `path` in place: "float32 prepacked", or a dtype's name."""
     if path == "float32 prepacked":  # one linear at a time, its dense weight freed as it goes
-        packable = {id(linear) for linear in prepackable(model)}
+        packable = prepackable(model)
         for parent, name in [(parent, name) for parent in model.modules() for name in parent._modules]:
-            if id(parent._modules[name]) in packable:
-                parent._modules[name] = PrepackedLinear(parent._modules[name])
+            parent._modules[name] = on_path(parent._modules[name], path, packable)
     else:
         nn.Module.to(model, getattr(torch, path))  # (transformers refuses model.to on a GGUF-loaded model)
 
