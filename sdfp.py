@@ -632,13 +632,13 @@ class QuantizedDraft:
         return sum(twin.nbytes for layer in self.twins for *_, twin in layer) + self.head.linear.nbytes
 
 
-def quantized_drafts(model: nn.Module, precisions: Sequence[str],
-                     fit_int4: Sequence[float] | None = None) -> dict[str, QuantizedDraft]:
+def quantized_drafts(model: nn.Module, precisions: Sequence[str], fit_int4: Sequence[float] | None = None,
+                     head: DraftHead | None = None) -> dict[str, QuantizedDraft]:
     """{precision: the draft's linears in it}: "int8" or "int4" everywhere, or "fit": int4 in the
     half of the layers where `fit_int4` (FIT of rounding each layer to int4, `layer_rankings`)
-    is lowest, int8 in the rest (the FIT paper's mixed precision). The head is int8 in all: a
-    tied head keeps its embedding's grid, which is often finer than the layers' 4 bits. A
-    linear quantized alike in several drafts is quantized once, and shared."""
+    is lowest, int8 in the rest (the FIT paper's mixed precision). The head is int8 in all (`head`,
+    where the caller built it): a tied head keeps its embedding's grid, which is often finer than
+    the layers' 4 bits. A linear quantized alike in several drafts is quantized once, and shared."""
     num_layers = num_decoder_layers(model)
     bits = {}
     for precision in precisions:
@@ -663,7 +663,7 @@ def quantized_drafts(model: nn.Module, precisions: Sequence[str],
                     by_bits = {b: QuantizedLinear(weight, child.bias, b) for b in {bits[p][l] for p in bits}}
                     for precision in bits:
                         twins[precision][l].append((parent, name, by_bits[bits[precision][l]]))
-    head = draft_head(model, None, HEAD_BITS) if bits else None
+    head = head or draft_head(model, None, HEAD_BITS) if bits else None
     return {p: QuantizedDraft(p, bits[p], twins[p], head) for p in bits}
 
 
@@ -1119,15 +1119,17 @@ def expected_speedup(alpha: float, draft_len: int, cost_ratio: float, verify_cos
 
 @torch.inference_mode()
 def teacher_forced_logits(model: nn.Module, input_ids: torch.Tensor, skip_layers: Sequence[int],
-                          first: int = 0, float32: bool = False,
-                          quantized: QuantizedDraft | None = None) -> torch.Tensor:
+                          first: int = 0, float32: bool = False, quantized: QuantizedDraft | None = None,
+                          cache=None) -> torch.Tensor:
     """(B, T) texts -> (B, T - first, vocab): the next-token logits at every position t >= first
     of the model without `skip_layers` ([]: the target), its linears `quantized` if given. The
-    head runs at those positions only. `float32`: computed in float32 whatever the model holds."""
+    head runs at those positions only. `float32`: computed in float32 whatever the model holds.
+    `cache`: the texts continue what it holds, and it keeps them (the caller rolls it back)."""
     head = None if quantized is None else quantized.head
-    with layer_skip(model, skip_layers, None, head, quantized), \
+    with layer_skip(model, skip_layers, cache, head, quantized) as draft_cache, \
             computed_in_float32(model) if float32 else contextlib.nullcontext():
-        return model(input_ids=input_ids, logits_to_keep=input_ids.shape[1] - first).logits
+        return model(input_ids=input_ids, cache=draft_cache, use_cache=cache is not None,
+                     logits_to_keep=input_ids.shape[1] - first).logits
 
 
 def teacher_forced_probs(model: nn.Module, input_ids: torch.Tensor, skip_layers: Sequence[int],
@@ -1224,7 +1226,8 @@ def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: 
     shares `fixed`; its per_layer and per_token come from one-token drafts of L and L/2 layers.
     A smaller head saves, per token, what it saves in a one-token draft of all L layers: timed
     at full depth, where the other weights flush the CPU's caches between two head products as
-    in use (next to one layer, a small head stays cached and its saving comes out too large).
+    in use (next to one layer, a small head stays cached and its saving comes out too large),
+    once for all the precisions that share it.
     """
     num_layers = num_decoder_layers(model)
     device = next(model.parameters()).device
@@ -1243,7 +1246,11 @@ def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: 
     shapes += [("none", kept, 3, 0) for kept in kept_counts[:2]]
     shapes += [("none", num_layers, 1, 0)] if heads.get("none") else []  # with a smaller head, all may stay
     shapes += [(precision, kept, 1, 0) for precision in quantized for kept in (num_layers, half)]
-    shapes += [(precision, num_layers, 1, size) for precision, by_size in heads.items() for size in by_size]
+    timed_with = {}  # heads are timed in the first precision that has them (quantized drafts share theirs)
+    for precision, by_size in heads.items():
+        timed_with.setdefault(id(by_size), precision)
+    shapes += [(precision, num_layers, 1, size) for precision in timed_with.values()
+               for size in heads[precision]]
     _, *costs = relative_times([verify_call(model, cache, 0, sampling)] + [draft_call(*s) for s in shapes],
                                device, rounds)
     timed = dict(zip(shapes, costs))
@@ -1257,8 +1264,8 @@ def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: 
         full, fewer = timed[precision, num_layers, 1, 0], timed[precision, half, 1, 0]
         per_layer[precision] = max(0.0, full - fewer) / max(1, num_layers - half)
         per_token[precision] = full - fixed - num_layers * per_layer[precision]
-    head_saving = {(p, size): timed[p, num_layers, 1, 0] - timed[p, num_layers, 1, size]
-                   for p, by_size in heads.items() for size in by_size}
+    head_saving = {(p, size): timed[q, num_layers, 1, 0] - timed[q, num_layers, 1, size]
+                   for p, by_size in heads.items() for q in [timed_with[id(by_size)]] for size in by_size}
     verify_costs = measure_verify_costs(model, cache, sorted(set(draft_lens)), sampling, rounds)
 
     def cost_ratio(kept: int, draft_len: int, head_size: int = 0, precision: str = "none") -> float:
@@ -1363,8 +1370,8 @@ def acceptance_meter(model: nn.Module, input_ids: torch.Tensor, prompt_len: int,
     """A function (skip_layers, precision) -> {N: α} for every head size N in `sizes` (0: the
     full head; N > 0: a head over head_tokens[N]), the draft's linears quantized as
     quantized[precision] ("none": not at all): α teacher-forced on the continuations in
-    `input_ids` (B, T) past their prompt_len-token human-written openings. The target's side
-    is computed once, here."""
+    `input_ids` (B, T) past their prompt_len-token human-written openings, each draft reading the
+    target's cache of the openings. The target's side is computed once, here."""
     # Teacher forcing runs many tokens at once, which in bfloat16 is fast on some CPUs and many
     # times slower on others: it runs in whichever of the model's dtype and float32 computes the
     # target's forward faster here (α in the two differs by rounding only).
@@ -1374,28 +1381,45 @@ def acceptance_meter(model: nn.Module, input_ids: torch.Tensor, prompt_len: int,
         teacher_forced_logits(model, input_ids[:1], [], float32=float32)  # one text of the B
         seconds[float32] = clock(input_ids.device) - t0
     float32 = min(seconds, key=seconds.get)
-    target_logits = teacher_forced_logits(model, input_ids, [], float32=float32)  # (B, T, vocab)
-    p_target = sampling_probs(target_logits[:, prompt_len - 1 :], sampling)  # the continuations
+    # In decoding, a draft reads the target's cache of the text so far; here each draft continues
+    # the target's cache of the openings (B, prompt_len - 1) and rolls it back (which also spares
+    # it the openings' forward).
+    opening, continuations = input_ids[:, : prompt_len - 1], input_ids[:, prompt_len - 1 :]
+    cache = new_cache(model)
+    p_human, p_target = (sampling_probs(teacher_forced_logits(model, ids, [], float32=float32, cache=cache),
+                                        sampling) for ids in (opening, continuations))  # in this order
+    truncate_cache(cache, prompt_len - 1)
     # Text the model writes keeps to its own likeliest tokens, so it stays inside a head's
     # tokens more often than text in use does and would flatter a small head (BENCHMARKS.md).
     # A head's share of the target's mass is therefore also measured on the human-written
-    # openings, and the α of its drafts scaled down by the ratio of the two shares.
-    p_human = sampling_probs(target_logits[:, : prompt_len - 1], sampling)
+    # openings (p_human), and the α of its drafts scaled down by the ratio of the two shares.
     share = lambda probs, size: probs.index_select(-1, head_tokens[size]).sum(-1).mean().item()  # noqa: E731
     coverage = {0: 1.0} | {n: min(1.0, share(p_human, n) / share(p_target, n)) for n in head_tokens}
+    del p_human
     # A head over a subset gives the full head's logits for its tokens, and its q is 0
     # outside them, where min(p, q) = 0: so one draft forward serves every N, and the α of
     # a head is sum over its tokens of min(p, q), with q processed from those logits alone.
     p_in_head = {0: p_target} | {size: p_target.index_select(-1, ids) for size, ids in head_tokens.items()}
 
-    def alphas(skip_layers: tuple, precision: str = "none") -> dict[int, float]:
+    def alphas(skip_layers: tuple, precision: str = "none",
+               could_win: Callable[[dict], bool] = lambda alpha: True) -> dict[int, float]:
+        """{N: α} over the continuations' first third of positions, then, unless `could_win`
+        rules the draft out at that α, over all (the draft continues its cache: no extra work)."""
         draft = quantized.get(precision)
-        draft_logits = teacher_forced_logits(model, input_ids, skip_layers, prompt_len - 1, float32, draft)
-        measured = {}
-        for size in (n for n in sizes if skip_layers or n or draft):  # the target itself is no draft
-            logits = draft_logits.index_select(-1, head_tokens[size]) if size else draft_logits
-            alpha = expected_acceptance(p_in_head[size], sampling_probs(logits, sampling))
-            measured[size] = alpha * coverage[size]
+        summed = {n: 0.0 for n in sizes if skip_layers or n or draft}  # the target itself is no draft
+        third = max(1, continuations.shape[1] // 3)
+        for part in (slice(0, third), slice(third, None)):
+            draft_logits = teacher_forced_logits(model, continuations[:, part], skip_layers, 0, float32,
+                                                 draft, cache)  # (B, positions, vocab)
+            for size in summed:
+                logits = draft_logits.index_select(-1, head_tokens[size]) if size else draft_logits
+                alpha = expected_acceptance(p_in_head[size][:, part], sampling_probs(logits, sampling))
+                summed[size] += alpha * draft_logits.shape[1]
+            seen = part.start + draft_logits.shape[1]
+            measured = {n: total / seen * coverage[n] for n, total in summed.items()}
+            if not could_win(measured):
+                break
+        truncate_cache(cache, prompt_len - 1)
         return measured
 
     return alphas
@@ -1414,7 +1438,7 @@ def plan_draft(
     min_speedup: float = 1.05,
     num_prompts: int = 4,
     prompt_len: int = 32,
-    new_tokens: int = 48,
+    new_tokens: int = 32,
     timing_context: int = 256,
     first_rounds: int = 3,
     second_look: int = 2,
@@ -1439,8 +1463,7 @@ def plan_draft(
                              "decoder layers; compute them for this model with layer_rankings.")
     skip_rankings = {name: scores for name, scores in rankings.items() if name in RANKINGS}
     quantizable = [p for p in precisions if p in QUANT_BITS or (p == "fit" and "fit-int4" in rankings)]
-    quantized = quantized_drafts(model, quantizable, rankings.get("fit-int4"))
-    kinds = [precision for precision in precisions if precision == "none" or precision in quantized]
+    kinds = [precision for precision in precisions if precision == "none" or precision in quantizable]
 
     # Time on top of a few hundred tokens of context, as in use (attention, and so the cost
     # of verifying, grows with it). The same forward's predictions choose each smaller head's tokens.
@@ -1451,12 +1474,16 @@ def plan_draft(
         logits = model(input_ids=timing_text, cache=cache, use_cache=True).logits[0]  # (T, vocab)
     head_tokens = {size: likely_tokens(model, tokenizer, logits, size)
                    for size in draft_vocab_sizes if 0 < size < logits.shape[-1] // 2}
-    head_weight = model.get_output_embeddings().weight.detach()  # (once: a prepacked head unpacks a copy)
+    # The heads first, from one read of the head's weight (a prepacked head unpacks a copy), which
+    # is freed before the layers are quantized: the two copies never coexist.
+    head_weight = model.get_output_embeddings().weight.detach()
     bits_of = {kind: None if kind == "none" else HEAD_BITS for kind in kinds}
     heads_of_bits = {bits: {n: draft_head(model, ids, bits, head_weight) for n, ids in head_tokens.items()}
                      for bits in set(bits_of.values())}
     heads = {kind: heads_of_bits[bits_of[kind]] for kind in kinds}
+    full_head = draft_head(model, None, HEAD_BITS, head_weight) if quantizable else None
     del head_weight
+    quantized = quantized_drafts(model, quantizable, rankings.get("fit-int4"), full_head)
     sizes = ([0] if 0 in draft_vocab_sizes or not head_tokens else []) + list(head_tokens)
     # A rough first look times verify_cost at γ = 1, 2, 4, 8 only and charges a γ in between
     # that of the next timed γ above it (it grows with γ: this errs on the dear side).
@@ -1509,7 +1536,10 @@ def plan_draft(
                                                        max(draft_lens))
                         alphas = acceptance_meter(model, texts_ids, start, sampling, head_tokens, sizes,
                                                   quantized)
-                    drafts[skip, kind] = (alphas(skip, kind), name)
+                    # measured on a third of the text first, and ruled out if it could not win even
+                    # at 0.1 more α than that (the noise of so few positions)
+                    drafts[skip, kind] = (alphas(skip, kind, lambda alpha: could_beat(
+                        num_layers - k, {n: min(ceiling[n], a + 0.1) for n, a in alpha.items()}, kind)), name)
                 alpha_of_head = drafts[skip, kind][0]
                 ceiling = {n: min(ceiling[n], alpha_of_head.get(n, 1.0)) for n in sizes}
                 predicted = max(speedup(num_layers - k, n, alpha, g, rough_verify_cost, kind)
@@ -1763,7 +1793,8 @@ def cached_rankings(model: nn.Module, tokenizer, texts: Sequence[str] | None, *,
     """`layer_rankings` from the cache folder, keyed by a hash of the weights (name, shape and
     sum of every tensor, rounded to bfloat16 so that one key serves every dtype: FIT computes in
     float32 whatever the model holds) and of the calibration text; else computed and cached."""
-    sums = torch.stack([p.detach().to(torch.bfloat16).double().sum() for p in model.parameters()]).tolist()
+    sums = [sum(part.to(torch.bfloat16).double().sum().item() for part in p.detach().reshape(-1).split(2**24))
+            for p in model.parameters()]  # in parts: a float64 copy of a whole embedding is twice its size
     shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     weights = hashlib.sha256(json.dumps([shapes, [f"{s:.9e}" for s in sums]]).encode()).hexdigest()[:16]
     joined = "\x00".join([CALIBRATION_TEXT] if texts is None else texts)
@@ -1927,11 +1958,26 @@ def prepackable(model: nn.Module) -> set[int]:
             and uses[id(m.weight)] == 1}
 
 
+class CastOutput(nn.Module):
+    """A module whose output is cast to `dtype`: an embedding on a 16-bit path, whose rows are read,
+    not multiplied, so its time does not depend on the path (and a copy of its table would be big)."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.module(*args, **kwargs).to(self.dtype)
+
+
 def on_path(module: nn.Module, path: str, packable: set[int]) -> nn.Module:
     """A module that holds parameters itself (linear, norm, embedding) as it computes on `path`:
-    itself (float32), a copy in bfloat16, or prepacked (a linear in `packable`)."""
+    itself (float32), a copy in bfloat16 (an embedding: its output cast), or prepacked (a linear
+    in `packable`)."""
     if path == "float32 prepacked" and id(module) in packable:
         return PrepackedLinear(module)
+    if isinstance(module, nn.Embedding) and path not in ("float32", "float32 prepacked"):
+        return CastOutput(module, getattr(torch, path))
     if path not in ("float32", "float32 prepacked"):
         twin = copy.copy(module)
         dtype = getattr(torch, path)

@@ -1166,17 +1166,27 @@ def test_acceptance_meter_measures_each_head_as_the_decoding_loop_drafts_with_it
     ids = torch.randint(24, (2, 20), generator=torch.Generator().manual_seed(0))
     prompt_len, skip = 8, (1, 2)
     sampling = sdfp.Sampling(temperature=0.9, top_k=12)
+
+    @torch.no_grad()
+    def continued(skip_layers, head=None, quantized=None):  # (2, 13, vocab or N)
+        """A draft's logits over the continuations, reading the target's cache of the openings
+        as a draft reads the target's cache in decoding."""
+        cache = sdfp.new_cache(model)
+        model(input_ids=ids[:, : prompt_len - 1], cache=cache, use_cache=True)
+        with sdfp.layer_skip(model, skip_layers, cache, head, quantized) as draft_cache:
+            return model(input_ids=ids[:, prompt_len - 1 :], cache=draft_cache, use_cache=True).logits
+
     with torch.no_grad():
         target_logits = model(input_ids=ids).logits  # (2, 20, vocab)
         # a head over the 8 tokens the continuations favour: human text leaves it more often
         head = sdfp.draft_head(
             model, target_logits[:, prompt_len - 1 :].softmax(-1).sum((0, 1)).topk(8).indices
         )
-        with sdfp.layer_skip(model, skip):
-            q_full = sdfp.sampling_probs(model(input_ids=ids).logits[:, prompt_len - 1 :], sampling)
-        with sdfp.layer_skip(model, skip, head=head):
-            head_logits = model(input_ids=ids).logits[:, prompt_len - 1 :]  # (2, 13, 8)
-            q_head = sdfp.sampling_probs(head.full_logits(head_logits), sampling)
+        with sdfp.layer_skip(model, skip):  # the draft's own cache of the openings: not as in decoding
+            q_own_cache = sdfp.sampling_probs(model(input_ids=ids).logits[:, prompt_len - 1 :], sampling)
+    q_full = sdfp.sampling_probs(continued(skip), sampling)
+    assert not torch.allclose(q_full, q_own_cache, atol=1e-3)
+    q_head = sdfp.sampling_probs(head.full_logits(continued(skip, head)), sampling)
     p_target = sdfp.sampling_probs(target_logits[:, prompt_len - 1 :], sampling)
     p_human = sdfp.sampling_probs(target_logits[:, : prompt_len - 1], sampling)
     share = lambda probs: probs[..., head.vocab].sum(-1).mean().item()
@@ -1184,8 +1194,7 @@ def test_acceptance_meter_measures_each_head_as_the_decoding_loop_drafts_with_it
     assert 0 < coverage < 1
 
     int8 = sdfp.quantized_draft(model, "int8")
-    with torch.no_grad(), sdfp.layer_skip(model, (), head=int8.head, quantized=int8):
-        q_int8 = sdfp.sampling_probs(model(input_ids=ids).logits[:, prompt_len - 1 :], sampling)
+    q_int8 = sdfp.sampling_probs(continued((), int8.head, int8), sampling)
 
     alphas = sdfp.acceptance_meter(model, ids, prompt_len, sampling, {8: head.vocab}, [0, 8], {"int8": int8})
     measured = alphas(skip)
@@ -1376,7 +1385,9 @@ def test_plan_draft_does_not_measure_drafts_that_could_not_pay_even_if_always_ac
     assert [row["k"] for row in plan.candidates] == [3, 4]
     alpha_4 = plan.candidates[1]["alpha"]
     assert max(sdfp.expected_speedup(alpha_4, g, 1 / 6, 1.0) for g in settings["draft_lens"]) < 1.5
-    assert [len(skip) for skip in measured] == [0, 3, 4]  # the target's p, then k = 3, 4
+    # the target's p (openings, continuations); k = 3 over a third of the text, then the rest;
+    # k = 4 ruled out on its third
+    assert [len(skip) for skip in measured] == [0, 0, 3, 3, 4]
     # k = 3 skips exactly the identity layers (α = 1): S = 5 / (4 * 3/6 + 1) at γ = 4
     assert (plan.skip_layers, plan.draft_len, plan.predicted_speedup) == ([1, 3, 4], 4, pytest.approx(5 / 3))
     assert second_looks == [[2, 4]]  # the two γ that predict most (S = 1.5 and 5/3; γ = 1: 4/3)
