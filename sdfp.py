@@ -663,7 +663,8 @@ def quantized_drafts(model: nn.Module, precisions: Sequence[str], fit_int4: Sequ
                     by_bits = {b: QuantizedLinear(weight, child.bias, b) for b in {bits[p][l] for p in bits}}
                     for precision in bits:
                         twins[precision][l].append((parent, name, by_bits[bits[precision][l]]))
-    head = head or draft_head(model, None, HEAD_BITS) if bits else None
+    if bits and head is None:
+        head = draft_head(model, None, HEAD_BITS)
     return {p: QuantizedDraft(p, bits[p], twins[p], head) for p in bits}
 
 
@@ -1976,11 +1977,11 @@ def on_path(module: nn.Module, path: str, packable: set[int]) -> nn.Module:
     in `packable`)."""
     if path == "float32 prepacked" and id(module) in packable:
         return PrepackedLinear(module)
-    if isinstance(module, nn.Embedding) and path not in ("float32", "float32 prepacked"):
-        return CastOutput(module, getattr(torch, path))
     if path not in ("float32", "float32 prepacked"):
-        twin = copy.copy(module)
         dtype = getattr(torch, path)
+        if isinstance(module, nn.Embedding):
+            return CastOutput(module, dtype)
+        twin = copy.copy(module)
         twin._parameters = {name: None if p is None else nn.Parameter(p.detach().to(dtype), False)
                             for name, p in module._parameters.items()}
         return twin
