@@ -343,7 +343,7 @@ def benchmark_model(args, model_path: str) -> list[dict]:
         head_bits = None if quantized is None else sdfp.HEAD_BITS
         heads = {precision: {head_size: sdfp.draft_head(model, draft_vocab, head_bits)}} if head_size else {}
         timed_len = max(draft_len, 1)
-        cost_ratio, verify_cost = sdfp.measure_costs(
+        costs = sdfp.measure_costs(
             model,
             cache,
             [timed_len],
@@ -351,8 +351,8 @@ def benchmark_model(args, model_path: str) -> list[dict]:
             heads=heads,
             quantized={precision: quantized} if quantized else {},
         )
-        c = cost_ratio(num_layers - len(skip), timed_len, head_size, precision)
-        verify = verify_cost(timed_len)
+        c = costs.cost_ratio(num_layers - len(skip), timed_len, head_size, precision)
+        verify = costs.verify_cost(timed_len)
         plain = totals["plain"]
         for method, stats in totals.items():
             row = dict(

@@ -633,12 +633,14 @@ class QuantizedDraft:
 
 
 def quantized_drafts(model: nn.Module, precisions: Sequence[str], fit_int4: Sequence[float] | None = None,
-                     head: DraftHead | None = None) -> dict[str, QuantizedDraft]:
+                     head: DraftHead | None = None, share: Sequence[QuantizedDraft] = ()
+                     ) -> dict[str, QuantizedDraft]:
     """{precision: the draft's linears in it}: "int8" or "int4" everywhere, or "fit": int4 in the
     half of the layers where `fit_int4` (FIT of rounding each layer to int4, `layer_rankings`)
     is lowest, int8 in the rest (the FIT paper's mixed precision). The head is int8 in all (`head`,
     where the caller built it): a tied head keeps its embedding's grid, which is often finer than
-    the layers' 4 bits. A linear quantized alike in several drafts is quantized once, and shared."""
+    the layers' 4 bits. A linear quantized alike in several drafts, or in a draft of `share`, is
+    quantized once, and shared."""
     num_layers = num_decoder_layers(model)
     bits = {}
     for precision in precisions:
@@ -656,13 +658,15 @@ def quantized_drafts(model: nn.Module, precisions: Sequence[str], fit_int4: Sequ
     for l, layer in enumerate(decoder_layer_list(model)[2]):
         for precision in bits:
             twins[precision].append([])
-        for parent in layer.modules():
-            for name, child in parent._modules.items():
-                if isinstance(child, nn.Linear):
-                    weight = child.weight.detach()  # (read once: a prepacked linear unpacks a copy)
-                    by_bits = {b: QuantizedLinear(weight, child.bias, b) for b in {bits[p][l] for p in bits}}
-                    for precision in bits:
-                        twins[precision][l].append((parent, name, by_bits[bits[precision][l]]))
+        linears = [(parent, name, child) for parent in layer.modules()
+                   for name, child in parent._modules.items() if isinstance(child, nn.Linear)]
+        for i, (parent, name, child) in enumerate(linears):
+            by_bits = {draft.bits[l]: draft.twins[l][i][2] for draft in share}
+            needed = {bits[p][l] for p in bits} - by_bits.keys()
+            weight = child.weight.detach() if needed else None  # (once: a prepacked linear unpacks a copy)
+            by_bits |= {b: QuantizedLinear(weight, child.bias, b) for b in needed}
+            for precision in bits:
+                twins[precision][l].append((parent, name, by_bits[bits[precision][l]]))
     if bits and head is None:
         head = draft_head(model, None, HEAD_BITS)
     return {p: QuantizedDraft(p, bits[p], twins[p], head) for p in bits}
@@ -1209,26 +1213,47 @@ def measure_verify_costs(model: nn.Module, cache, draft_lens: Sequence[int], sam
     return {draft_len: max(1.0, cost) for draft_len, cost in zip(draft_lens, costs)}
 
 
+@dataclasses.dataclass
+class Costs:
+    """This machine's cost model, in plain steps (`measure_costs`). A draft of γ tokens from `kept`
+    layers costs  fixed + γ (per_token + kept per_layer):  `fixed` once per draft (entering,
+    leaving, rollback), and per precision of its linears ("none": the target's) `per_token` for
+    the embedding, head and sampling, `per_layer` for each kept layer. A head over N tokens saves
+    head_saving[quantized, N] per token; verifying γ+1 tokens costs verify_costs[γ]."""
+    fixed: float
+    per_token: dict[str, float]
+    per_layer: dict[str, float]
+    head_saving: dict[tuple[bool, int], float]  # (a quantized draft's heads, N) -> saving per token
+    verify_costs: dict[int, float]
+
+    def cost_ratio(self, kept: int, draft_len: int, head_size: int = 0, precision: str = "none") -> float:
+        """c: what a draft token costs in a draft of γ tokens from `kept` layers, head over N (0: all)."""
+        # (a timing's noise can make a difference of two timings negative; no part costs less than 0)
+        saving = self.head_saving.get((precision != "none", head_size), 0.0)
+        token = self.fixed / draft_len + self.per_token[precision] - saving
+        return max(0.0, token) + kept * max(0.0, self.per_layer[precision])
+
+    def verify_cost(self, draft_len: int) -> float:
+        return self.verify_costs[draft_len] if draft_len else 1.0
+
+
 @torch.inference_mode()
 def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: Sampling, rounds: int = 9,
                   heads: Mapping[str, Mapping[int, DraftHead]] = {},
-                  quantized: Mapping[str, QuantizedDraft] = {},
-                  ) -> tuple[Callable[..., float], Callable[[int], float]]:
-    """The cost models of this machine, in plain steps: c(kept, γ, N, precision) for a draft token
-    from `kept` layers in a draft of γ tokens with a head over N tokens (0: the full head), its
-    linears as quantized[precision] ("none": the target's), and verify_cost(γ) for each γ in
-    `draft_lens` (`measure_verify_costs`). heads[precision][N] is the head over N tokens.
+                  quantized: Mapping[str, QuantizedDraft] = {}, costs: Costs | None = None) -> Costs:
+    """This machine's `Costs`, timed on top of `cache`: verify_cost(γ) for each γ in `draft_lens`
+    (`measure_verify_costs`), c of layer-skip drafts, and c of drafts whose linears are
+    quantized[precision]. heads[precision][N] is a head over N tokens to time in a draft of that
+    precision (once for all quantized precisions: their heads are alike, int8). Given `costs`,
+    what is timed now is added to it, its fixed part shared.
 
-    A draft of γ tokens from `kept` layers costs  fixed + γ (per_token + kept per_layer):
-    `fixed` once per draft (entering, leaving, rollback), `per_token` for the embedding, head
-    and sampling, `per_layer` for each kept layer. The three are fitted by least squares to
-    one-token drafts at four depths and three-token drafts at two (steadier than timing every
-    (kept, γ) once), so c(kept, γ) = fixed / γ + per_token + kept per_layer. A quantized draft
-    shares `fixed`; its per_layer and per_token come from one-token drafts of L and L/2 layers.
-    A smaller head saves, per token, what it saves in a one-token draft of all L layers: timed
-    at full depth, where the other weights flush the CPU's caches between two head products as
-    in use (next to one layer, a small head stays cached and its saving comes out too large),
-    once for all the precisions that share it.
+    The layer-skip parts are fitted by least squares to one-token drafts at four depths and
+    three-token drafts at two (steadier than timing every (kept, γ) once), so c(kept, γ) =
+    fixed / γ + per_token + kept per_layer. A quantized draft shares `fixed`; its per_layer and
+    per_token come from one-token drafts of L and L/2 layers. A smaller head saves, per token,
+    what it saves in a one-token draft of all L layers: timed at full depth, where the other
+    weights flush the CPU's caches between two head products as in use (next to one layer, a
+    small head stays cached and its saving comes out too large).
     """
     num_layers = num_decoder_layers(model)
     device = next(model.parameters()).device
@@ -1243,41 +1268,28 @@ def measure_costs(model: nn.Module, cache, draft_lens: Sequence[int], sampling: 
 
     kept_counts = sorted({max(1, num_layers * quarter // 4) for quarter in range(4)})  # kept < L
     half = (num_layers + 1) // 2
-    shapes = [("none", kept, 1, 0) for kept in kept_counts]  # (precision, kept, γ, N)
-    shapes += [("none", kept, 3, 0) for kept in kept_counts[:2]]
-    shapes += [("none", num_layers, 1, 0)] if heads.get("none") else []  # with a smaller head, all may stay
+    layer_skips = [("none", kept, 1, 0) for kept in kept_counts]  # (precision, kept, γ, N)
+    layer_skips += [("none", kept, 3, 0) for kept in kept_counts[:2]]
+    shapes = [] if costs else list(layer_skips)
     shapes += [(precision, kept, 1, 0) for precision in quantized for kept in (num_layers, half)]
-    timed_with = {}  # heads are timed in the first precision that has them (quantized drafts share theirs)
-    for precision, by_size in heads.items():
-        timed_with.setdefault(id(by_size), precision)
-    shapes += [(precision, num_layers, 1, size) for precision in timed_with.values()
-               for size in heads[precision]]
-    _, *costs = relative_times([verify_call(model, cache, 0, sampling)] + [draft_call(*s) for s in shapes],
+    shapes += [("none", num_layers, 1, 0)] if heads.get("none") else []  # with a smaller head, all may stay
+    shapes += [(precision, num_layers, 1, size) for precision in heads for size in heads[precision]]
+    _, *times = relative_times([verify_call(model, cache, 0, sampling)] + [draft_call(*s) for s in shapes],
                                device, rounds)
-    timed = dict(zip(shapes, costs))
-    # one row (1, γ, γ kept) per timed draft: its cost is fixed + γ per_token + γ kept per_layer
-    layer_skips = [shape for shape in shapes if shape[0] == "none" and shape[3] == 0]
-    rows = torch.tensor([[1.0, g, g * kept] for _, kept, g, _ in layer_skips], dtype=torch.float64)
-    targets = torch.tensor([timed[shape] for shape in layer_skips], dtype=torch.float64).unsqueeze(-1)
-    fixed, *unquantized = torch.linalg.lstsq(rows, targets).solution.squeeze(-1).tolist()
-    per_token, per_layer = {"none": unquantized[0]}, {"none": unquantized[1]}
+    timed = dict(zip(shapes, times))
+    if costs is None:  # a row (1, γ, γ kept) per layer-skip draft: fixed + γ per_token + γ kept per_layer
+        rows = torch.tensor([[1.0, g, g * kept] for _, kept, g, _ in layer_skips], dtype=torch.float64)
+        targets = torch.tensor([timed[shape] for shape in layer_skips], dtype=torch.float64).unsqueeze(-1)
+        fixed, per_token, per_layer = torch.linalg.lstsq(rows, targets).solution.squeeze(-1).tolist()
+        costs = Costs(fixed, {"none": per_token}, {"none": per_layer}, {}, {})
     for precision in quantized:
         full, fewer = timed[precision, num_layers, 1, 0], timed[precision, half, 1, 0]
-        per_layer[precision] = max(0.0, full - fewer) / max(1, num_layers - half)
-        per_token[precision] = full - fixed - num_layers * per_layer[precision]
-    head_saving = {(p, size): timed[q, num_layers, 1, 0] - timed[q, num_layers, 1, size]
-                   for p, by_size in heads.items() for q in [timed_with[id(by_size)]] for size in by_size}
-    verify_costs = measure_verify_costs(model, cache, sorted(set(draft_lens)), sampling, rounds)
-
-    def cost_ratio(kept: int, draft_len: int, head_size: int = 0, precision: str = "none") -> float:
-        # (a timing's noise can make a difference of two timings negative; no part costs less than 0)
-        token = fixed / draft_len + per_token[precision] - head_saving.get((precision, head_size), 0.0)
-        return max(0.0, token) + kept * max(0.0, per_layer[precision])
-
-    def verify_cost(draft_len: int) -> float:
-        return verify_costs[draft_len] if draft_len else 1.0
-
-    return cost_ratio, verify_cost
+        costs.per_layer[precision] = max(0.0, full - fewer) / max(1, num_layers - half)
+        costs.per_token[precision] = full - costs.fixed - num_layers * costs.per_layer[precision]
+    costs.head_saving |= {(precision != "none", size): timed[precision, num_layers, 1, 0] - cost
+                          for (precision, _, _, size), cost in timed.items() if size}
+    costs.verify_costs |= measure_verify_costs(model, cache, sorted(set(draft_lens)), sampling, rounds)
+    return costs
 
 
 @dataclasses.dataclass
@@ -1366,11 +1378,10 @@ def alpha_texts(model: nn.Module, pieces: Sequence[torch.Tensor], num_prompts: i
 
 
 def acceptance_meter(model: nn.Module, input_ids: torch.Tensor, prompt_len: int, sampling: Sampling,
-                     head_tokens: Mapping[int, torch.Tensor], sizes: Sequence[int],
-                     quantized: Mapping[str, QuantizedDraft] = {}) -> Callable[..., dict]:
-    """A function (skip_layers, precision) -> {N: α} for every head size N in `sizes` (0: the
-    full head; N > 0: a head over head_tokens[N]), the draft's linears quantized as
-    quantized[precision] ("none": not at all): α teacher-forced on the continuations in
+                     head_tokens: Mapping[int, torch.Tensor], sizes: Sequence[int]) -> Callable[..., dict]:
+    """A function (skip_layers, quantized) -> {N: α} for every head size N in `sizes` (0: the
+    full head; N > 0: a head over head_tokens[N]), the draft's linears `quantized` (a
+    `QuantizedDraft`; None: the target's): α teacher-forced on the continuations in
     `input_ids` (B, T) past their prompt_len-token human-written openings, each draft reading the
     target's cache of the openings. The target's side is computed once, here."""
     # Teacher forcing runs many tokens at once, which in bfloat16 is fast on some CPUs and many
@@ -1402,16 +1413,15 @@ def acceptance_meter(model: nn.Module, input_ids: torch.Tensor, prompt_len: int,
     # a head is sum over its tokens of min(p, q), with q processed from those logits alone.
     p_in_head = {0: p_target} | {size: p_target.index_select(-1, ids) for size, ids in head_tokens.items()}
 
-    def alphas(skip_layers: tuple, precision: str = "none",
+    def alphas(skip_layers: tuple, quantized: QuantizedDraft | None = None,
                could_win: Callable[[dict], bool] = lambda alpha: True) -> dict[int, float]:
         """{N: α} over the continuations' first third of positions, then, unless `could_win`
         rules the draft out at that α, over all (the draft continues its cache: no extra work)."""
-        draft = quantized.get(precision)
-        summed = {n: 0.0 for n in sizes if skip_layers or n or draft}  # the target itself is no draft
+        summed = {n: 0.0 for n in sizes if skip_layers or n or quantized}  # the target itself is no draft
         third = max(1, continuations.shape[1] // 3)
         for part in (slice(0, third), slice(third, None)):
             draft_logits = teacher_forced_logits(model, continuations[:, part], skip_layers, 0, float32,
-                                                 draft, cache)  # (B, positions, vocab)
+                                                 quantized, cache)  # (B, positions, vocab)
             for size in summed:
                 logits = draft_logits.index_select(-1, head_tokens[size]) if size else draft_logits
                 alpha = expected_acceptance(p_in_head[size][:, part], sampling_probs(logits, sampling))
@@ -1475,27 +1485,25 @@ def plan_draft(
         logits = model(input_ids=timing_text, cache=cache, use_cache=True).logits[0]  # (T, vocab)
     head_tokens = {size: likely_tokens(model, tokenizer, logits, size)
                    for size in draft_vocab_sizes if 0 < size < logits.shape[-1] // 2}
-    # The heads first, from one read of the head's weight (a prepacked head unpacks a copy), which
-    # is freed before the layers are quantized: the two copies never coexist.
+    del logits
+    sizes = ([0] if 0 in draft_vocab_sizes or not head_tokens else []) + list(head_tokens)
+    # The heads, from one read of the head's weight (a prepacked head unpacks a copy): the float
+    # heads of layer-skip drafts and the int8 heads of quantized ones, each set held only until
+    # it is timed (α needs no head: it reads the full head's logits).
     head_weight = model.get_output_embeddings().weight.detach()
-    bits_of = {kind: None if kind == "none" else HEAD_BITS for kind in kinds}
-    heads_of_bits = {bits: {n: draft_head(model, ids, bits, head_weight) for n, ids in head_tokens.items()}
-                     for bits in set(bits_of.values())}
-    heads = {kind: heads_of_bits[bits_of[kind]] for kind in kinds}
+    heads = {bits: {n: draft_head(model, ids, bits, head_weight) for n, ids in head_tokens.items()}
+             for bits, wanted in ((None, "none" in kinds), (HEAD_BITS, quantizable)) if wanted}
     full_head = draft_head(model, None, HEAD_BITS, head_weight) if quantizable else None
     del head_weight
-    quantized = quantized_drafts(model, quantizable, rankings.get("fit-int4"), full_head)
-    sizes = ([0] if 0 in draft_vocab_sizes or not head_tokens else []) + list(head_tokens)
     # A rough first look times verify_cost at γ = 1, 2, 4, 8 only and charges a γ in between
     # that of the next timed γ above it (it grows with γ: this errs on the dear side).
     timed = sorted({min((t for t in (1, 2, 4, 8) if t >= g), default=g) for g in draft_lens})
-    cost_ratio, timed_verify_cost = measure_costs(model, cache, timed, sampling, first_rounds, heads,
-                                                  quantized)
-    rough_verify_cost = lambda g: timed_verify_cost(min(t for t in timed if t >= g))  # noqa: E731
+    costs = measure_costs(model, cache, timed, sampling, first_rounds, {"none": heads.pop(None, {})})
+    rough_verify_cost = lambda g: costs.verify_cost(min(t for t in timed if t >= g))  # noqa: E731
 
     def speedup(kept: int, size: int, alpha: float, draft_len: int, verify_cost: Callable[[int], float],
                 precision: str) -> float:
-        cost = cost_ratio(kept, draft_len, size, precision)
+        cost = costs.cost_ratio(kept, draft_len, size, precision)
         return expected_speedup(alpha, draft_len, cost, verify_cost(draft_len))
 
     best_measured = 0.0
@@ -1515,11 +1523,18 @@ def plan_draft(
     # many layers. The walk stops when even a one-layer draft could not beat the best at the
     # bound, or when `patience` measured drafts in a row have not beaten its best (S rises, peaks,
     # falls). Unquantized drafts walk every ranking; quantized ones FIT's (the paper's).
+    # A quantized kind is built from the one before it where their layers' bits agree (int8 ->
+    # fit -> int4), timed, walked, and then freed: one precision's weights at a time.
     finer = {"int8": [], "fit": ["int8"], "int4": ["int8", "fit"], "none": []}
     drafts = {}  # (skip_layers, precision) -> ({N: α}, the first ranking that proposed it)
-    alphas = None
+    alphas, weights, fit_int4 = None, None, rankings.get("fit-int4")
     fit = "fit" if "fit" in skip_rankings else [*skip_rankings][0]
     for kind in sorted(kinds, key=list(finer).index):
+        if kind != "none":
+            weights = quantized_drafts(model, [kind], fit_int4, full_head, [weights] if weights else [])[kind]
+            # (its heads timed in the first quantized kind only: every quantized kind's are alike)
+            measure_costs(model, cache, [], sampling, first_rounds, {kind: heads.pop(HEAD_BITS, {})},
+                          {kind: weights}, costs)
         names = list(skip_rankings) if kind == "none" else [fit]
         for name in names:
             best, since_best, ceiling = 0.0, 0, dict.fromkeys(sizes, 1.0)
@@ -1535,11 +1550,10 @@ def plan_draft(
                     if alphas is None:  # the texts to measure α on, written once anything is measured
                         texts_ids, start = alpha_texts(model, pieces, num_prompts, prompt_len, new_tokens,
                                                        max(draft_lens))
-                        alphas = acceptance_meter(model, texts_ids, start, sampling, head_tokens, sizes,
-                                                  quantized)
+                        alphas = acceptance_meter(model, texts_ids, start, sampling, head_tokens, sizes)
                     # measured on a third of the text first, and ruled out if it could not win even
                     # at 0.1 more α than that (the noise of so few positions)
-                    drafts[skip, kind] = (alphas(skip, kind, lambda alpha: could_beat(
+                    drafts[skip, kind] = (alphas(skip, weights, lambda alpha: could_beat(
                         num_layers - k, {n: min(ceiling[n], a + 0.1) for n, a in alpha.items()}, kind)), name)
                 alpha_of_head = drafts[skip, kind][0]
                 ceiling = {n: min(ceiling[n], alpha_of_head.get(n, 1.0)) for n in sizes}
@@ -1572,16 +1586,20 @@ def plan_draft(
         best_speedup, draft_len = max((speedup(kept, size, alpha, g, verify_cost, kind), g)
                                       for g in near_ties)
         candidates.append(dict(k=k, draft_vocab_size=size, precision=kind, skip_layers=skip, ranking=name,
-                               alpha=alpha, cost_ratio=cost_ratio(kept, draft_len, size, kind),
+                               alpha=alpha, cost_ratio=costs.cost_ratio(kept, draft_len, size, kind),
                                draft_len=draft_len, verify_cost=verify_cost(draft_len), speedup=best_speedup))
     best = max(candidates, key=lambda row: row["speedup"], default=None)
-    seconds = time.perf_counter() - t0
     if best is None or best["speedup"] < min_speedup:
-        return DraftPlan([], 0, 1.0, 0.0, 0.0, 1.0, seconds, candidates, min_speedup)
+        return DraftPlan([], 0, 1.0, 0.0, 0.0, 1.0, time.perf_counter() - t0, candidates, min_speedup)
+    precision = best["precision"]
+    if precision == "none":
+        weights = None
+    elif weights.precision != precision:  # freed after its walk: built again
+        weights = quantized_drafts(model, [precision], fit_int4, full_head, [weights])[precision]
     vocab = head_tokens[best["draft_vocab_size"]] if best["draft_vocab_size"] else None
     chosen = [best[k] for k in ("skip_layers", "draft_len", "speedup", "alpha", "cost_ratio", "verify_cost")]
-    return DraftPlan(*chosen, seconds, candidates, min_speedup, best["ranking"], vocab,
-                     quantized.get(best["precision"]))
+    return DraftPlan(*chosen, time.perf_counter() - t0, candidates, min_speedup, best["ranking"], vocab,
+                     weights)
 
 
 # -----------------------------------------------------------------------------

@@ -10,9 +10,11 @@ import os
 # here the hub is unreachable: fail fast, not after 25 s of retries
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import collections
 import contextlib
 import dataclasses
 import functools
+import gc
 import itertools
 import json
 import shutil
@@ -427,6 +429,11 @@ def test_fit_precision_gives_int4_to_the_half_of_the_layers_fit_scores_lowest_an
         and drafts["int4"].head.linear.zero is None
     )
     assert drafts["int4"].nbytes < drafts["fit"].nbytes < drafts["int8"].nbytes
+    # a draft built beside another shares the other's twins where their bits agree
+    fit = sdfp.quantized_drafts(model, ["fit"], [3.0, 0.5, 2.0, 0.1], share=[drafts["int8"]])["fit"]
+    for layer, bits in enumerate(fit.bits):
+        shared = [a[2] is b[2] for a, b in zip(fit.twins[layer], drafts["int8"].twins[layer])]
+        assert all(shared) if bits == 8 else not any(shared)
     with pytest.raises(ValueError, match='draft_quant="fit" needs FIT scores'):
         sdfp.speculative_generate(model, torch.tensor([[1]]), [], max_new_tokens=2, draft_quant="fit")
     with pytest.raises(ValueError, match="Unknown draft precision 'int3'"):
@@ -1196,7 +1203,7 @@ def test_acceptance_meter_measures_each_head_as_the_decoding_loop_drafts_with_it
     int8 = sdfp.quantized_draft(model, "int8")
     q_int8 = sdfp.sampling_probs(continued((), int8.head, int8), sampling)
 
-    alphas = sdfp.acceptance_meter(model, ids, prompt_len, sampling, {8: head.vocab}, [0, 8], {"int8": int8})
+    alphas = sdfp.acceptance_meter(model, ids, prompt_len, sampling, {8: head.vocab}, [0, 8])
     measured = alphas(skip)
     assert measured[0] == pytest.approx(torch.minimum(p_target, q_full).sum(-1).mean().item(), rel=1e-5)
     expected = torch.minimum(p_target, q_head).sum(-1).mean().item() * coverage
@@ -1204,7 +1211,7 @@ def test_acceptance_meter_measures_each_head_as_the_decoding_loop_drafts_with_it
     assert set(alphas(())) == {8}  # k = 0 with the full head would be the target itself
     # every layer kept, its linears and head in int8: a draft, measured with the full head too
     expected = torch.minimum(p_target, q_int8).sum(-1).mean().item()
-    assert alphas((), "int8")[0] == pytest.approx(expected, rel=1e-5) and expected < 0.999
+    assert alphas((), int8)[0] == pytest.approx(expected, rel=1e-5) and expected < 0.999
 
 
 def test_expected_speedup_closed_form():
@@ -1228,7 +1235,7 @@ def busy_wait(ms: float) -> None:
 
 def measure_planted_costs(monkeypatch, model, hooks, **kwargs):
     """sdfp.measure_costs on `model` (8 tokens cached), entering a draft slowed by 40 ms and the
-    planted `hooks` removed afterwards. Returns (cache, measure_costs' cost models)."""
+    planted `hooks` removed afterwards. Returns (cache, measure_costs' sdfp.Costs)."""
     layer_skip = sdfp.layer_skip
 
     @contextlib.contextmanager
@@ -1271,7 +1278,8 @@ def test_measure_costs_reads_planted_costs_per_draft_per_token_per_layer_and_ver
         layer.register_forward_pre_hook(lambda m, args: busy_wait(10))
         for layer in sdfp.decoder_layer_list(model)[2]
     ]
-    cache, (cost_ratio, verify_cost) = measure_planted_costs(monkeypatch, model, hooks, draft_lens=[3, 4])
+    cache, costs = measure_planted_costs(monkeypatch, model, hooks, draft_lens=[3, 4])
+    cost_ratio, verify_cost = costs.cost_ratio, costs.verify_cost
     assert sdfp.cache_length(cache) == 8  # every timed call rolled the cache back
     # the planted costs are lower bounds of the wall time; their ratios come back within 10%
     for kept in (1, 2, 4):
@@ -1297,14 +1305,12 @@ def test_measure_costs_reads_a_smaller_heads_planted_saving(monkeypatch):
     ]
     hooks += [model.get_output_embeddings().register_forward_pre_hook(lambda m, args: busy_wait(30))]
     hooks += [head.linear.register_forward_pre_hook(lambda m, args: busy_wait(5))]
-    _, (cost_ratio, _) = measure_planted_costs(
-        monkeypatch, model, hooks, draft_lens=[3], heads={"none": {4: head}}
-    )
+    _, costs = measure_planted_costs(monkeypatch, model, hooks, draft_lens=[3], heads={"none": {4: head}})
     for kept in (1, 4):
         for draft_len in (1, 4):
             full_head, small_head = (40 / draft_len + 60 + 10 * kept + head_ms for head_ms in (30, 5))
-            assert cost_ratio(kept, draft_len) == pytest.approx(full_head / 130, rel=0.1)
-            assert cost_ratio(kept, draft_len, 4) == pytest.approx(small_head / 130, rel=0.1)
+            assert costs.cost_ratio(kept, draft_len) == pytest.approx(full_head / 130, rel=0.1)
+            assert costs.cost_ratio(kept, draft_len, 4) == pytest.approx(small_head / 130, rel=0.1)
 
 
 def planner_model(layers: int):
@@ -1316,8 +1322,9 @@ def planner_model(layers: int):
 
 def plant_costs(monkeypatch, per_layer: float):
     """measure_costs planted: a draft token from `kept` layers costs kept * per_layer plain steps,
-    verify_cost = 1."""
-    costs = (lambda kept, draft_len, size=0, precision="none": kept * per_layer, lambda draft_len: 1.0)
+    verify_cost = 1, whatever the precision."""
+    layer = collections.defaultdict(lambda: per_layer)
+    costs = sdfp.Costs(0.0, collections.defaultdict(float), layer, {}, dict.fromkeys(range(1, 9), 1.0))
     monkeypatch.setattr(sdfp, "measure_costs", lambda *args, **kwargs: costs)
 
 
@@ -1430,27 +1437,43 @@ def test_plan_draft_stops_going_deeper_after_patience_drafts_that_do_not_beat_th
     )
 
 
-def test_plan_draft_picks_a_planted_cheap_quantized_draft_and_holds_its_weights(monkeypatch):
+@pytest.mark.parametrize("cheapest", ["int4", "int8"])
+def test_plan_draft_picks_a_planted_cheap_quantized_draft_and_holds_its_weights(monkeypatch, cheapest):
     """Planted costs: a token of the layer-skip draft from `kept` of 6 layers costs kept/6 plain
-    steps, of a quantized one 0.1 + kept/60 (int8), 0.07 + kept/60 ("fit") or 0.05 + kept/60
-    (int4); verifying costs 1. Skipping the three identity layers gives α = 1 at c = 0.5, at most
-    5/3 = 1.67x; every quantized draft keeps all layers at c <= 0.2 and agrees with the target on
-    almost every token, well above that. The plan takes the best of them as measured, holds its
-    quantized weights, and decodes with them what plain decoding does."""
+    steps, of a quantized one 0.1 + kept/60, 0.07 + kept/60 ("fit") or, the `cheapest` precision,
+    0.05 + kept/60; verifying costs 1. Skipping the three identity layers gives α = 1 at c = 0.5,
+    at most 5/3 = 1.67x; every quantized draft keeps all layers at c <= 0.2 and agrees with the
+    target on almost every token, well above that. The plan takes the best of them as measured,
+    holds its quantized weights (int8, walked first and freed, built again), and decodes with
+    them what plain decoding does. The planner holds one precision's weights at a time, and the
+    one before it that they share linears with."""
     model, tokenizer, _ = planner_model(6)
     rankings = sdfp.layer_rankings(model, tokenizer, progress=False)  # with "fit-int4", for "fit"
-    per_token = {"none": 0.0, "int8": 0.1, "fit": 0.07, "int4": 0.05}
+    per_token = {"none": 0.0, "int8": 0.1, "fit": 0.07, "int4": 0.1} | {cheapest: 0.05}
     layer = {"none": 1 / 6, "int8": 1 / 60, "fit": 1 / 60, "int4": 1 / 60}
-    costs = (lambda kept, draft_len, size=0, precision="none": per_token[precision] + kept * layer[precision],
-             lambda draft_len: 1.0)  # fmt: skip
+    costs = sdfp.Costs(0.0, per_token, layer, {}, dict.fromkeys(range(1, 9), 1.0))
     monkeypatch.setattr(sdfp, "measure_costs", lambda *args, **kwargs: costs)
+    built, quantized_drafts = [], sdfp.quantized_drafts
+
+    def one_at_a_time(model, precisions, fit_int4=None, head=None, share=()):
+        gc.collect()
+        alive = [draft for draft in (ref() for ref in built) if draft is not None]
+        assert all(any(draft is shared for shared in share) for draft in alive)
+        drafts = quantized_drafts(model, precisions, fit_int4, head, share)
+        built.extend(weakref.ref(draft) for draft in drafts.values())
+        return drafts
+
+    monkeypatch.setattr(sdfp, "quantized_drafts", one_at_a_time)
     settings = dict(draft_lens=(1, 2, 4), prompt_len=8, new_tokens=16, timing_context=32)
     plan = sdfp.plan_draft(model, tokenizer, rankings, **settings)
     best = max(plan.candidates, key=lambda row: row["speedup"])
     assert plan.quantized is not None and plan.quantized.precision == best["precision"] != "none"
+    assert cheapest == "int4" or best["precision"] == "int8"  # (cheaper, and finer than "fit" and int4)
     assert plan.skip_layers == best["skip_layers"] and plan.predicted_speedup == best["speedup"] > 5 / 3
-    # measured finest first: no layer-skip draft could beat the best even at α = 1, none is measured
-    assert {row["precision"] for row in plan.candidates} == {"int8", "fit", "int4"}
+    # measured finest first: no layer-skip draft could beat the best even at α = 1, none is measured;
+    # nor, where int8 is cheapest, "fit" or int4, even at int8's α
+    measured = {"int8", "fit", "int4"} if cheapest == "int4" else {"int8"}
+    assert {row["precision"] for row in plan.candidates} == measured
     assert f"{best['precision']} weights (+ 0 MiB)" in plan.summary()
     ids = torch.tensor([[1, 2, 3]])
     plain, _ = sdfp.autoregressive_generate(model, ids, max_new_tokens=20)
@@ -1495,6 +1518,8 @@ def test_plan_draft_times_verify_cost_again_for_the_near_ties_and_chooses_among_
     looks = []
 
     def planted_verify_costs(model, cache, draft_lens, sampling, rounds):
+        if not draft_lens:
+            return {}  # (as measure_verify_costs: asked for no γ, it times nothing)
         looks.append((list(draft_lens), rounds))
         if len(looks) == 1:
             return {g: 1.2 for g in draft_lens}
@@ -1503,8 +1528,8 @@ def test_plan_draft_times_verify_cost_again_for_the_near_ties_and_chooses_among_
     measure_costs, timed = sdfp.measure_costs, {}
 
     def spy(*args, **kwargs):
-        timed["cost_ratio"], verify_cost = measure_costs(*args, **kwargs)
-        return timed["cost_ratio"], verify_cost
+        timed["costs"] = measure_costs(*args, **kwargs)
+        return timed["costs"]
 
     monkeypatch.setattr(sdfp, "measure_verify_costs", planted_verify_costs)
     monkeypatch.setattr(sdfp, "measure_costs", spy)
@@ -1520,7 +1545,7 @@ def test_plan_draft_times_verify_cost_again_for_the_near_ties_and_chooses_among_
     first_look = {
         g: max(
             sdfp.expected_speedup(
-                row["alpha"], g, timed["cost_ratio"](6 - row["k"], g, 0, row["precision"]), 1.2
+                row["alpha"], g, timed["costs"].cost_ratio(6 - row["k"], g, 0, row["precision"]), 1.2
             )
             for row in plan.candidates
         )
