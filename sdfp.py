@@ -1553,8 +1553,9 @@ def plan_draft(
                         alphas = acceptance_meter(model, texts_ids, start, sampling, head_tokens, sizes)
                     # measured on a third of the text first, and ruled out if it could not win even
                     # at 0.1 more α than that (the noise of so few positions)
-                    drafts[skip, kind] = (alphas(skip, weights, lambda alpha: could_beat(
-                        num_layers - k, {n: min(ceiling[n], a + 0.1) for n, a in alpha.items()}, kind)), name)
+                    could_win = lambda alpha: could_beat(  # noqa: E731
+                        num_layers - k, {n: min(ceiling[n], a + 0.1) for n, a in alpha.items()}, kind)
+                    drafts[skip, kind] = (alphas(skip, None if kind == "none" else weights, could_win), name)
                 alpha_of_head = drafts[skip, kind][0]
                 ceiling = {n: min(ceiling[n], alpha_of_head.get(n, 1.0)) for n in sizes}
                 predicted = max(speedup(num_layers - k, n, alpha, g, rough_verify_cost, kind)

@@ -1437,6 +1437,19 @@ def test_plan_draft_stops_going_deeper_after_patience_drafts_that_do_not_beat_th
     )
 
 
+def test_plan_draft_measures_layer_skip_drafts_with_the_targets_weights_after_a_quantized_kind(monkeypatch):
+    """The layer-skip drafts are walked after the quantized kinds, whose last weights the planner
+    still holds: the draft that skips only the identity layers 1, 3 and 4 is the target, α = 1."""
+    model, tokenizer, fit = planner_model(6)
+    verify_costs = dict.fromkeys(range(1, 9), 1.0)
+    costs = sdfp.Costs(0.0, {"none": 0.0, "int8": 10.0}, {"none": 1 / 6, "int8": 1 / 60}, {}, verify_costs)
+    monkeypatch.setattr(sdfp, "measure_costs", lambda *args, **kwargs: costs)
+    settings = dict(draft_lens=(1, 2, 4), prompt_len=8, new_tokens=16, timing_context=32, min_speedup=0.0)
+    plan = sdfp.plan_draft(model, tokenizer, fit, precisions=["int8", "none"], **settings)
+    alpha = {(row["precision"], row["k"]): row["alpha"] for row in plan.candidates}
+    assert alpha["int8", 0] < 1.0 and alpha["none", 3] == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("cheapest", ["int4", "int8"])
 def test_plan_draft_picks_a_planted_cheap_quantized_draft_and_holds_its_weights(monkeypatch, cheapest):
     """Planted costs: a token of the layer-skip draft from `kept` of 6 layers costs kept/6 plain
