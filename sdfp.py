@@ -673,9 +673,9 @@ def quantized_drafts(model: nn.Module, precisions: Sequence[str], fit_int4: Sequ
 
 
 def quantized_draft(model: nn.Module, precision: str, fit_int4: Sequence[float] | None = None,
-                    ) -> QuantizedDraft:
+                    head: DraftHead | None = None, share: Sequence[QuantizedDraft] = ()) -> QuantizedDraft:
     """One draft of `quantized_drafts`."""
-    return quantized_drafts(model, [precision], fit_int4)[precision]
+    return quantized_drafts(model, [precision], fit_int4, head, share)[precision]
 
 
 def new_cache(model: nn.Module):
@@ -1531,7 +1531,7 @@ def plan_draft(
     fit = "fit" if "fit" in skip_rankings else [*skip_rankings][0]
     for kind in sorted(kinds, key=list(finer).index):
         if kind != "none":
-            weights = quantized_drafts(model, [kind], fit_int4, full_head, [weights] if weights else [])[kind]
+            weights = quantized_draft(model, kind, fit_int4, full_head, [weights] if weights else [])
             # (its heads timed in the first quantized kind only: every quantized kind's are alike)
             measure_costs(model, cache, [], sampling, first_rounds, {kind: heads.pop(HEAD_BITS, {})},
                           {kind: weights}, costs)
@@ -1596,7 +1596,7 @@ def plan_draft(
     if precision == "none":
         weights = None
     elif weights.precision != precision:  # freed after its walk: built again
-        weights = quantized_drafts(model, [precision], fit_int4, full_head, [weights])[precision]
+        weights = quantized_draft(model, precision, fit_int4, full_head, [weights])
     vocab = head_tokens[best["draft_vocab_size"]] if best["draft_vocab_size"] else None
     chosen = [best[k] for k in ("skip_layers", "draft_len", "speedup", "alpha", "cost_ratio", "verify_cost")]
     return DraftPlan(*chosen, time.perf_counter() - t0, candidates, min_speedup, best["ranking"], vocab,
