@@ -551,7 +551,7 @@ def draft_head(model: nn.Module, draft_vocab: torch.Tensor | None, bits: int | N
 # cache stays the target's. Rejection sampling stays exact: q is what the draft computes.
 
 QUANT_BITS = {"int8": 8, "int4": 4}
-HEAD_BITS = 8  # a quantized draft's LM head, whatever its layers' precision (`quantized_drafts`)
+HEAD_BITS = 8  # a quantized draft's LM head, whatever its layers' precision (`quantized_draft`)
 PRECISIONS = ("none", *QUANT_BITS, "fit")  # "fit": int4 where FIT says it costs least, int8 elsewhere
 
 
@@ -632,50 +632,34 @@ class QuantizedDraft:
         return sum(twin.nbytes for layer in self.twins for *_, twin in layer) + self.head.linear.nbytes
 
 
-def quantized_drafts(model: nn.Module, precisions: Sequence[str], fit_int4: Sequence[float] | None = None,
-                     head: DraftHead | None = None, share: Sequence[QuantizedDraft] = ()
-                     ) -> dict[str, QuantizedDraft]:
-    """{precision: the draft's linears in it}: "int8" or "int4" everywhere, or "fit": int4 in the
-    half of the layers where `fit_int4` (FIT of rounding each layer to int4, `layer_rankings`)
-    is lowest, int8 in the rest (the FIT paper's mixed precision). The head is int8 in all (`head`,
-    where the caller built it): a tied head keeps its embedding's grid, which is often finer than
-    the layers' 4 bits. A linear quantized alike in several drafts, or in a draft of `share`, is
-    quantized once, and shared."""
-    num_layers = num_decoder_layers(model)
-    bits = {}
-    for precision in precisions:
-        if precision in QUANT_BITS:
-            bits[precision] = [QUANT_BITS[precision]] * num_layers
-        elif precision == "fit" and fit_int4 is not None:
-            int4 = select_skipped_layers(fit_int4, 0.5)
-            bits[precision] = [4 if l in int4 else 8 for l in range(num_layers)]
-        elif precision == "fit":
-            raise ValueError('draft_quant="fit" needs FIT scores; build the draft with sdfp.quantized_draft('
-                             'model, "fit", sdfp.layer_rankings(model, tokenizer)["fit-int4"]).')
-        else:
-            raise ValueError(f"Unknown draft precision {precision!r}; choose one of {PRECISIONS}.")
-    twins = {precision: [] for precision in bits}  # per layer: (parent, name, quantized twin) per linear
-    for l, layer in enumerate(decoder_layer_list(model)[2]):
-        for precision in bits:
-            twins[precision].append([])
-        linears = [(parent, name, child) for parent in layer.modules()
-                   for name, child in parent._modules.items() if isinstance(child, nn.Linear)]
-        for i, (parent, name, child) in enumerate(linears):
-            by_bits = {draft.bits[l]: draft.twins[l][i][2] for draft in share}
-            needed = {bits[p][l] for p in bits} - by_bits.keys()
-            weight = child.weight.detach() if needed else None  # (once: a prepacked linear unpacks a copy)
-            by_bits |= {b: QuantizedLinear(weight, child.bias, b) for b in needed}
-            for precision in bits:
-                twins[precision][l].append((parent, name, by_bits[bits[precision][l]]))
-    if bits and head is None:
-        head = draft_head(model, None, HEAD_BITS)
-    return {p: QuantizedDraft(p, bits[p], twins[p], head) for p in bits}
-
-
 def quantized_draft(model: nn.Module, precision: str, fit_int4: Sequence[float] | None = None,
                     head: DraftHead | None = None, share: Sequence[QuantizedDraft] = ()) -> QuantizedDraft:
-    """One draft of `quantized_drafts`."""
-    return quantized_drafts(model, [precision], fit_int4, head, share)[precision]
+    """The draft's linears in `precision`: "int8" or "int4" everywhere, or "fit": int4 in the half
+    of the layers where `fit_int4` (FIT of rounding each layer to int4, `layer_rankings`) is lowest,
+    int8 in the rest (the FIT paper's mixed precision). Its head is int8 (`head`, where the caller
+    built it): a tied head keeps its embedding's grid, often finer than the layers' 4 bits. A
+    linear whose bits agree with a draft of `share` is that draft's twin, not quantized again."""
+    num_layers = num_decoder_layers(model)
+    if precision in QUANT_BITS:
+        bits = [QUANT_BITS[precision]] * num_layers
+    elif precision == "fit" and fit_int4 is not None:
+        int4 = select_skipped_layers(fit_int4, 0.5)
+        bits = [4 if l in int4 else 8 for l in range(num_layers)]
+    elif precision == "fit":
+        raise ValueError('draft_quant="fit" needs FIT scores; build the draft with sdfp.quantized_draft('
+                         'model, "fit", sdfp.layer_rankings(model, tokenizer)["fit-int4"]).')
+    else:
+        raise ValueError(f"Unknown draft precision {precision!r}; choose one of {PRECISIONS}.")
+    twins = []  # per layer: (parent, name, quantized twin) per linear
+    for l, layer in enumerate(decoder_layer_list(model)[2]):
+        linears = [(parent, name, child) for parent in layer.modules()
+                   for name, child in parent._modules.items() if isinstance(child, nn.Linear)]
+        same_bits = [draft.twins[l] for draft in share if draft.bits[l] == bits[l]]
+        twins.append([(parent, name, same_bits[0][i][2] if same_bits
+                       else QuantizedLinear(child.weight.detach(), child.bias, bits[l]))
+                      for i, (parent, name, child) in enumerate(linears)])
+    head = draft_head(model, None, HEAD_BITS) if head is None else head
+    return QuantizedDraft(precision, bits, twins, head)
 
 
 def new_cache(model: nn.Module):

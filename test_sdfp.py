@@ -415,25 +415,21 @@ def test_quantized_linear_computes_its_dequantized_weight_within_bfloat16_roundi
 
 def test_fit_precision_gives_int4_to_the_half_of_the_layers_fit_scores_lowest_and_shares_linears():
     model = tiny_model("llama", layers=4)
-    drafts = sdfp.quantized_drafts(model, ["int8", "int4", "fit"], fit_int4=[3.0, 0.5, 2.0, 0.1])
-    assert (
-        drafts["fit"].bits == [8, 4, 8, 4]
-        and drafts["int8"].bits == [8] * 4
-        and drafts["int4"].bits == [4] * 4
-    )
-    for layer, bits in enumerate(drafts["fit"].bits):  # the same twin objects, quantized once
-        source = drafts["int4" if bits == 4 else "int8"].twins[layer]
-        assert all(a[2] is b[2] for a, b in zip(drafts["fit"].twins[layer], source))
-    assert (
-        drafts["fit"].head is drafts["int8"].head is drafts["int4"].head
-        and drafts["int4"].head.linear.zero is None
-    )
-    assert drafts["int4"].nbytes < drafts["fit"].nbytes < drafts["int8"].nbytes
-    # a draft built beside another shares the other's twins where their bits agree
-    fit = sdfp.quantized_drafts(model, ["fit"], [3.0, 0.5, 2.0, 0.1], share=[drafts["int8"]])["fit"]
+    int8 = sdfp.quantized_draft(model, "int8")
+    int4 = sdfp.quantized_draft(model, "int4", head=int8.head)
+    fit = sdfp.quantized_draft(model, "fit", [3.0, 0.5, 2.0, 0.1], int8.head, share=[int8, int4])
+    assert fit.bits == [8, 4, 8, 4] and int8.bits == [8] * 4 and int4.bits == [4] * 4
+    for layer, bits in enumerate(fit.bits):  # the same twin objects, quantized once
+        source = (int4 if bits == 4 else int8).twins[layer]
+        assert all(a[2] is b[2] for a, b in zip(fit.twins[layer], source))
+    assert fit.head is int8.head is int4.head and int4.head.linear.zero is None
+    assert int4.nbytes < fit.nbytes < int8.nbytes
+    # beside int8 alone, "fit" shares int8's twins where their bits agree and quantizes the rest
+    fit = sdfp.quantized_draft(model, "fit", [3.0, 0.5, 2.0, 0.1], share=[int8])
     for layer, bits in enumerate(fit.bits):
-        shared = [a[2] is b[2] for a, b in zip(fit.twins[layer], drafts["int8"].twins[layer])]
+        shared = [a[2] is b[2] for a, b in zip(fit.twins[layer], int8.twins[layer])]
         assert all(shared) if bits == 8 else not any(shared)
+    assert fit.head is not int8.head and fit.head.linear.zero is None  # its own int8 head
     with pytest.raises(ValueError, match='draft_quant="fit" needs FIT scores'):
         sdfp.speculative_generate(model, torch.tensor([[1]]), [], max_new_tokens=2, draft_quant="fit")
     with pytest.raises(ValueError, match="Unknown draft precision 'int3'"):
@@ -456,7 +452,7 @@ def test_greedy_is_token_identical_with_a_quantized_draft(arch, prompt, skip, pr
     as it was (the twins swapped out again)."""
     model = tiny_model(arch, vocab=32, dtype=torch.float32)
     ids = torch.tensor([prompt])
-    quantized = sdfp.quantized_drafts(model, [precision], fit_int4=[1.0, 0.0, 2.0, 0.5])[precision]
+    quantized = sdfp.quantized_draft(model, precision, fit_int4=[1.0, 0.0, 2.0, 0.5])
     before = snapshot(model)
     plain, _ = sdfp.autoregressive_generate(model, ids, max_new_tokens=16)
     spec, stats = sdfp.speculative_generate(
@@ -1466,17 +1462,17 @@ def test_plan_draft_picks_a_planted_cheap_quantized_draft_and_holds_its_weights(
     layer = {"none": 1 / 6, "int8": 1 / 60, "fit": 1 / 60, "int4": 1 / 60}
     costs = sdfp.Costs(0.0, per_token, layer, {}, dict.fromkeys(range(1, 9), 1.0))
     monkeypatch.setattr(sdfp, "measure_costs", lambda *args, **kwargs: costs)
-    built, quantized_drafts = [], sdfp.quantized_drafts
+    built, quantized_draft = [], sdfp.quantized_draft
 
-    def one_at_a_time(model, precisions, fit_int4=None, head=None, share=()):
+    def one_at_a_time(model, precision, fit_int4=None, head=None, share=()):
         gc.collect()
         alive = [draft for draft in (ref() for ref in built) if draft is not None]
         assert all(any(draft is shared for shared in share) for draft in alive)
-        drafts = quantized_drafts(model, precisions, fit_int4, head, share)
-        built.extend(weakref.ref(draft) for draft in drafts.values())
-        return drafts
+        draft = quantized_draft(model, precision, fit_int4, head, share)
+        built.append(weakref.ref(draft))
+        return draft
 
-    monkeypatch.setattr(sdfp, "quantized_drafts", one_at_a_time)
+    monkeypatch.setattr(sdfp, "quantized_draft", one_at_a_time)
     settings = dict(draft_lens=(1, 2, 4), prompt_len=8, new_tokens=16, timing_context=32)
     plan = sdfp.plan_draft(model, tokenizer, rankings, **settings)
     best = max(plan.candidates, key=lambda row: row["speedup"])
