@@ -560,22 +560,28 @@ def quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     and zeros (what torch's kernels take). int8: w = q scale, q in [-127, 127], a scale per
     output channel. int4: w = (q - 8) scale + zero, q in [0, 15], per group of 32 inputs, the
     smallest group torch's kernel takes: the finest grid, at no cost in speed (measured), and the
-    grid of a GGUF file's 4-bit blocks of 32, which it reproduces. A width not a multiple of 32: int8."""
-    w = weight.detach().float()
-    out_features, in_features = w.shape
+    grid of a GGUF file's 4-bit blocks of 32, which it reproduces. A width not a multiple of 32: int8.
+    Rows are rounded 256 at a time: temporaries that small are reused by the allocator, where a
+    whole weight's would be paged in afresh (an 8960 x 1536 weight, Qwen2.5-Coder's MLP: 3-5x slower)."""
+    in_features = weight.shape[1]
     group = 32 if bits == 4 and in_features % 32 == 0 else None
+    blocks = [quantize_rows(rows.float(), group) for rows in weight.detach().split(256)]
+    q, scale, zero = (None if parts[0] is None else torch.cat(parts) for parts in zip(*blocks))
+    return q, scale, zero, group or in_features
+
+
+def quantize_rows(w: torch.Tensor, group: int | None) -> tuple[torch.Tensor, ...]:
+    """`quantize` of some rows of a float32 weight: int8 where `group` is None, else int4."""
     tiny = torch.finfo(torch.float32).tiny
     if group is None:
-        low, high = w.aminmax(dim=-1)
-        scale = (torch.maximum(-low, high) / 127).clamp_(min=tiny).bfloat16()  # (out,)
-        q = w.div(scale.float()[:, None]).round_().clamp_(-127, 127)
-        return q.to(torch.int8), scale, None, in_features
-    groups = w.view(out_features, in_features // group, group)  # (out, in/group, group)
-    low, high = groups.aminmax(dim=-1)
-    scale = ((high - low) / 15).clamp_(min=tiny).bfloat16()  # (out, in/group)
+        scale = (w.abs().amax(-1) / 127).clamp_(min=tiny).bfloat16()  # (rows,)
+        return w.div(scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale, None
+    groups = w.view(w.shape[0], -1, group)  # (rows, in/group, group)
+    low, high = groups.amin(-1), groups.amax(-1)  # (two reductions: 4x faster than one aminmax, here)
+    scale = ((high - low) / 15).clamp_(min=tiny).bfloat16()  # (rows, in/group)
     zero = (low + 8 * scale.float()).bfloat16()
     q = groups.sub(zero.float()[..., None]).div_(scale.float()[..., None]).add_(8).round_().clamp_(0, 15)
-    return q.to(torch.uint8).view(out_features, in_features), scale, zero, group
+    return q.to(torch.uint8).view(w.shape), scale, zero
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int) -> torch.Tensor:
@@ -600,7 +606,9 @@ class QuantizedLinear(nn.Module):
         self.kernel = weight.device.type == "cpu" and (self.in_features % 16 == 0 if self.zero is None
                                                         else self.out_features % 16 == 0)
         if self.kernel and self.zero is not None:  # int4: packed two to a byte, in the kernel's layout
-            self.q = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.q.int(), 1)
+            # (it packs rows in blocks of 64, so 256 rows at a time give the same bytes, faster: `quantize`)
+            pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+            self.q = torch.cat([pack(rows.int(), 1) for rows in self.q.split(256)])
             self.scales_and_zeros = torch.stack([self.scale, self.zero], -1).transpose(0, 1).contiguous()
 
     @property

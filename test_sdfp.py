@@ -390,7 +390,9 @@ def test_select_skipped_layers():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("out_features,in_features", [(64, 128), (12, 32), (40, 24), (16, 48), (7, 33)])
+@pytest.mark.parametrize(
+    "out_features,in_features", [(64, 128), (12, 32), (40, 24), (16, 48), (7, 33), (272, 64)]
+)
 def test_quantized_linear_computes_its_dequantized_weight_within_bfloat16_rounding(
     bits, out_features, in_features
 ):
