@@ -1445,7 +1445,7 @@ def plan_draft(
     timing_context: int = 256,
     first_rounds: int = 3,
     second_look: int = 2,
-    second_rounds: int = 9,
+    second_rounds: int = 5,
     patience: int = 2,
 ) -> DraftPlan:
     """The skipped layers, precision, head size N and γ with the largest expected speedup S.
