@@ -2015,50 +2015,59 @@ def run_costs(model: nn.Module, paths: Sequence[str], prompt_len: int, new_token
     """The time a run of `model` (float32) would take on each of `paths`, relative to one another.
 
     A run is one prefill of the prompt, a one-token step per new token and a verify of γ+1
-    tokens per γ+1 new tokens. Each is timed on the model's own embedding, head and first
-    layers, as a model of 1 layer (`layer_skip`), and extrapolated to all L by what a layer
-    adds: cost(L) = cost(1) + (L - 1) (cost'(3) - cost'(1)) / 2, where cost' is timed without
-    the head. With it, the two would differ by a small part of what is timed (Qwen2.5-Coder-1.5B's
-    head weighs 5 layers), whose noise the (L - 1) / 2 multiplies. Only those layers are copied.
+    tokens per γ+1 new tokens. Each is timed on the model's own embedding and first layers, as a
+    model of 1 and of 3 layers without its head (`layer_skip`), extrapolated to all L:
+    cost(L) = cost(1) + (L - 1) (cost(3) - cost(1)) / 2; and the head on its own, on the rows it
+    scores (1 in a prefill or a step, γ+1 in a verify). Timed with the head, the two models would
+    differ by a small part of what is timed (Qwen2.5-Coder-1.5B's head weighs 5 layers), whose
+    noise the (L - 1) / 2 multiplies. Only those layers and the head are copied.
     """
     layers = decoder_layer_list(model)[2]
-    last = min(3, len(layers))
-    unused = {id(m) for layer in layers[last:] for m in layer.modules()}
+    depths = sorted({1, min(3, len(layers))})
+    unused = {id(m) for layer in layers[depths[-1] :] for m in layer.modules()}
     owners = [(parent, name, child) for parent in model.modules() if id(parent) not in unused
               for name, child in parent._modules.items() if child is not None and child._parameters]
     packable = prepackable(model)
     twins = {path: [on_path(child, path, packable) for _, _, child in owners] for path in paths}
+    head = [child for _, _, child in owners].index(model.get_output_embeddings())  # its twins' index
     headless = DraftHead(None, nn.Identity(), 0)  # (its "logits" are the final hidden states)
+    hidden_size = model.config.get_text_config().hidden_size
     device = next(model.parameters()).device
     prompt_len = max(1, prompt_len)
     tokens = {"prefill": prompt_len, "step": 1, "verify": draft_len + 1}
     weight = {"prefill": 1.0, "step": new_tokens, "verify": new_tokens / (draft_len + 1)}
 
-    def forward(path: str, kept: int, head: bool, cache, kind: str) -> None:
+    def forward(path: str, kept: int, cache, kind: str) -> None:
         for (parent, name, _), twin in zip(owners, twins[path]):
             parent._modules[name] = twin
         ids = torch.zeros(1, tokens[kind], dtype=torch.long, device=device)
-        with layer_skip(model, range(kept, len(layers)), cache, None if head else headless) as kept_cache:
+        with layer_skip(model, range(kept, len(layers)), cache, headless) as kept_cache:  # `kept` layers
             model(input_ids=ids, cache=kept_cache, logits_to_keep=1 if kind == "prefill" else 0)
 
-    def call(path: str, kept: int, head: bool, kind: str) -> Callable[[], None]:
+    def call(path: str, kept: int, kind: str) -> Callable[[], object]:
+        if kept == 0:  # the head alone, on final hidden states in the path's dtype
+            dtype = getattr(torch, path.split()[0])  # ("float32 prepacked": float32)
+            hidden = torch.zeros(1, tokens[kind], hidden_size, dtype=dtype, device=device)
+            return functools.partial(twins[path][head], hidden)
         cache = new_cache(model)
         if kind != "prefill":  # a step or a verify reads a cache that holds the prompt
-            forward(path, kept, head, cache, "prefill")
+            forward(path, kept, cache, "prefill")
         start = cache_length(cache)
-        return lambda: (forward(path, kept, head, cache, kind), truncate_cache(cache, start))
+        return lambda: (forward(path, kept, cache, kind), truncate_cache(cache, start))
 
-    models = [(1, True), (1, False), (last, False)]  # (kept layers, with the head)
-    shapes = [(path, kept, head, kind) for path in paths for kept, head in models for kind in tokens]
+    shapes = [(path, kept, kind) for path in paths for kept in depths for kind in tokens]
+    shapes += [(path, 0, kind) for path in paths for kind in ("step", "verify")]  # 0 layers: the head
     try:
         times = dict(zip(shapes, relative_times([call(*shape) for shape in shapes], device, rounds)))
     finally:
         for parent, name, child in owners:
             parent._modules[name] = child
+    first, last = depths[0], depths[-1]
 
-    def forward_cost(path: str, kind: str) -> float:
-        per_layer = (times[path, last, False, kind] - times[path, 1, False, kind]) / max(1, last - 1)
-        return times[path, 1, True, kind] + (len(layers) - 1) * per_layer
+    def forward_cost(path: str, kind: str) -> float:  # L layers and the head
+        per_layer = (times[path, last, kind] - times[path, first, kind]) / max(1, last - first)
+        head_cost = times[path, 0, "verify" if kind == "verify" else "step"]  # (a prefill's: one row)
+        return times[path, first, kind] + (len(layers) - first) * per_layer + head_cost
 
     return {path: sum(weight[kind] * forward_cost(path, kind) for kind in tokens) for path in paths}
 
