@@ -1985,6 +1985,27 @@ def test_path_choice_is_the_same_in_three_runs_at_a_1_3x_gap_and_float32_when_cl
     assert [path for path, _ in choices] == [chosen] * 3, choices
 
 
+def test_run_costs_extrapolates_the_layers_to_all_of_them_and_adds_the_head_once():
+    """Planted: each of 8 decoder layers takes 8 ms in float32 and 2 ms in bfloat16, the head 24 ms
+    in either. A forward of the whole model then costs 88 ms against 40 ms, 2.2x, whatever its
+    tokens. run_costs times models of 1 and 3 layers and the head, so only the right extrapolation
+    gets there: without it, (8 + 24) / (2 + 24) = 1.23x; the slope's sign turned, below 0."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", layers=8)).eval()
+    layer_ms = {torch.float32: 8, torch.bfloat16: 2}
+    for layer in sdfp.decoder_layer_list(model)[2]:
+        layer.register_forward_pre_hook(
+            lambda module, args, kwargs: busy_wait(
+                layer_ms[(args[0] if args else kwargs["hidden_states"]).dtype]
+            ),
+            with_kwargs=True,
+        )
+    head = model.get_output_embeddings()  # (its bfloat16 copy shares the hook)
+    head.register_forward_pre_hook(lambda module, args: busy_wait(24))
+    cost = sdfp.run_costs(model, ["float32", "bfloat16"], prompt_len=4, new_tokens=8, rounds=3)
+    assert 1.9 < cost["float32"] / cost["bfloat16"] < 2.5, cost
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="prepacking needs oneDNN")
 @pytest.mark.parametrize(
     "f_linear_ms,prepacked_ms,chosen", [(1, 0.1, "float32 prepacked"), (0.1, 1, "float32")]
