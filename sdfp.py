@@ -1143,15 +1143,17 @@ def expected_acceptance(p_target: torch.Tensor, q_draft: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def sample_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: int, sampling: Sampling,
-                         generator: torch.Generator | None) -> torch.Tensor:
-    """(B, T) prompts -> (B, T + new_tokens): text the model writes itself, all B in one batch."""
-    cache = new_cache(model)
-    ids, step_input = prompts, prompts
+                         generator: torch.Generator | None, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) prompts -> (B, T + new_tokens) text the model writes itself, all B in one batch, and
+    (B, T + new_tokens - 1, vocab) its next-token logits at every position of it but the last.
+    `cache` (else a new one) is left holding those positions."""
+    cache = new_cache(model) if cache is None else cache
+    ids, step_input, logits = prompts, prompts, []
     for _ in range(new_tokens):
-        logits = model(input_ids=step_input, cache=cache, use_cache=True).logits[:, -1]  # (B, vocab)
-        step_input = sample(sampling_probs(logits, sampling), generator).unsqueeze(-1)  # (B, 1)
+        logits.append(model(input_ids=step_input, cache=cache, use_cache=True).logits)  # (B, tokens, vocab)
+        step_input = sample(sampling_probs(logits[-1][:, -1], sampling), generator).unsqueeze(-1)  # (B, 1)
         ids = torch.cat([ids, step_input], dim=1)
-    return ids
+    return ids, torch.cat(logits, dim=1)
 
 
 def relative_times(calls: Sequence[Callable[[], object]], device: torch.device,
@@ -1349,57 +1351,57 @@ def spread(snippets: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:
     return [snippets[i * len(snippets) // count] for i in range(min(count, len(snippets)))]
 
 
-def alpha_texts(model: nn.Module, pieces: Sequence[torch.Tensor], num_prompts: int, prompt_len: int,
-                new_tokens: int, max_draft_len: int) -> tuple[torch.Tensor, int]:
-    """(B, prompt_len + new_tokens) texts to measure α on, and prompt_len: `num_prompts` snippets
-    spread over the calibration text ahead of the last piece (all of it, if that is short), each
-    continued by the model itself, as in decoding."""
-    device = next(model.parameters()).device
+def alpha_openings(model: nn.Module, pieces: Sequence[torch.Tensor], num_prompts: int, prompt_len: int,
+                   new_tokens: int, max_draft_len: int) -> tuple[torch.Tensor, int]:
+    """(B, prompt_len) openings to measure α after, and how many tokens to continue each by:
+    `num_prompts` snippets spread over the calibration text ahead of the last piece (all of it,
+    if that is short)."""
     context = context_length(model) or 4096
     prompt_len = min(prompt_len, pieces[0].shape[1])
     new_tokens = max(1, min(new_tokens, context - prompt_len - max_draft_len - 1))
     ahead = torch.cat(pieces[:-1] or pieces, dim=1)[0]  # (tokens,)
     text = ahead if len(ahead) >= num_prompts * prompt_len else torch.cat(pieces, dim=1)[0]
     snippets = text[: len(text) // prompt_len * prompt_len].view(-1, prompt_len)  # (n, prompt_len)
-    prompts = torch.stack(spread(snippets, num_prompts)).to(device)  # (B, prompt_len)
-    # The continuations are sampled at temperature 1, whatever the decoding settings: greedy
-    # continuations of a small model fall into loops ("the colour at dawn, the colour at
-    # dawn, ...") that any draft predicts, and they would flatter every draft.
-    generator = torch.Generator(device).manual_seed(0)
-    return sample_continuations(model, prompts, new_tokens, Sampling(1.0), generator), prompt_len
+    return torch.stack(spread(snippets, num_prompts)).to(next(model.parameters()).device), new_tokens
 
 
-def acceptance_meter(model: nn.Module, input_ids: torch.Tensor, prompt_len: int, sampling: Sampling,
+def acceptance_meter(model: nn.Module, openings: torch.Tensor, new_tokens: int, sampling: Sampling,
                      head_tokens: Mapping[int, torch.Tensor], sizes: Sequence[int]) -> Callable[..., dict]:
     """A function (skip_layers, quantized) -> {N: α} for every head size N in `sizes` (0: the
     full head; N > 0: a head over head_tokens[N]), the draft's linears `quantized` (a
-    `QuantizedDraft`; None: the target's): α teacher-forced on the continuations in
-    `input_ids` (B, T) past their prompt_len-token human-written openings, each draft reading the
-    target's cache of the openings. The target's side is computed once, here."""
+    `QuantizedDraft`; None: the target's): α teacher-forced on continuations of the
+    human-written `openings` (B, prompt_len) that the model writes here, `new_tokens` each, as
+    in decoding (sampled with a generator seeded 0). Each draft reads the target's cache of the
+    openings. The target's side comes from writing them: its logits and its cache."""
+    # The continuations are sampled at temperature 1, whatever the decoding settings: greedy
+    # continuations of a small model fall into loops ("the colour at dawn, the colour at
+    # dawn, ...") that any draft predicts, and they would flatter every draft.
+    device, prompt_len = openings.device, openings.shape[1]
+    cache = new_cache(model)
+    text, target_logits = sample_continuations(model, openings, new_tokens, Sampling(1.0),
+                                               torch.Generator(device).manual_seed(0), cache)
+    truncate_cache(cache, prompt_len - 1)  # in decoding, a draft reads the target's cache of the text so far
+    p_all = sampling_probs(target_logits, sampling)  # (B, T - 1, vocab)
+    del target_logits
+    p_human, p_target = p_all[:, : prompt_len - 1], p_all[:, prompt_len - 1 :]  # openings, continuations
+    continuations = text[:, prompt_len - 1 : -1]  # (B, new_tokens): fed to a draft, which predicts the next
     # Teacher forcing runs many tokens at once, which in bfloat16 is fast on some CPUs and many
     # times slower on others: it runs in whichever of the model's dtype and float32 computes the
     # target's forward faster here (α in the two differs by rounding only).
     seconds = {False: 0.0}
     for float32 in (False, True) if model.dtype.itemsize < 4 else ():  # (16-bit floats only)
-        t0 = clock(input_ids.device)
-        teacher_forced_logits(model, input_ids[:1], [], float32=float32)  # one text of the B
-        seconds[float32] = clock(input_ids.device) - t0
+        t0 = clock(device)
+        teacher_forced_logits(model, text[:1], [], float32=float32)  # one text of the B
+        seconds[float32] = clock(device) - t0
     float32 = min(seconds, key=seconds.get)
-    # In decoding, a draft reads the target's cache of the text so far; here each draft continues
-    # the target's cache of the openings (B, prompt_len - 1) and rolls it back (which also spares
-    # it the openings' forward).
-    opening, continuations = input_ids[:, : prompt_len - 1], input_ids[:, prompt_len - 1 :]
-    cache = new_cache(model)
-    p_human, p_target = (sampling_probs(teacher_forced_logits(model, ids, [], float32=float32, cache=cache),
-                                        sampling) for ids in (opening, continuations))  # in this order
-    truncate_cache(cache, prompt_len - 1)
+    for layer in cache.layers if float32 else ():  # the openings' keys and values, as the drafts compute
+        layer.keys, layer.values = layer.keys.float(), layer.values.float()
     # Text the model writes keeps to its own likeliest tokens, so it stays inside a head's
     # tokens more often than text in use does and would flatter a small head (BENCHMARKS.md).
     # A head's share of the target's mass is therefore also measured on the human-written
     # openings (p_human), and the α of its drafts scaled down by the ratio of the two shares.
     share = lambda probs, size: probs.index_select(-1, head_tokens[size]).sum(-1).mean().item()  # noqa: E731
     coverage = {0: 1.0} | {n: min(1.0, share(p_human, n) / share(p_target, n)) for n in head_tokens}
-    del p_human
     # A head over a subset gives the full head's logits for its tokens, and its q is 0
     # outside them, where min(p, q) = 0: so one draft forward serves every N, and the α of
     # a head is sum over its tokens of min(p, q), with q processed from those logits alone.
@@ -1540,9 +1542,9 @@ def plan_draft(
                     continue
                 if (skip, kind) not in drafts:
                     if alphas is None:  # the texts to measure α on, written once anything is measured
-                        texts_ids, start = alpha_texts(model, pieces, num_prompts, prompt_len, new_tokens,
-                                                       max(draft_lens))
-                        alphas = acceptance_meter(model, texts_ids, start, sampling, head_tokens, sizes)
+                        openings, continued = alpha_openings(model, pieces, num_prompts, prompt_len,
+                                                             new_tokens, max(draft_lens))
+                        alphas = acceptance_meter(model, openings, continued, sampling, head_tokens, sizes)
                     # measured on a third of the text first, and ruled out if it could not win even
                     # at 0.1 more α than that (the noise of so few positions)
                     could_win = lambda alpha: could_beat(  # noqa: E731

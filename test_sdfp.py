@@ -1162,24 +1162,44 @@ def test_teacher_forced_acceptance_is_the_expected_acceptance_of_the_draft():
     assert teacher_forced_alpha(skip, warm, first=5) == pytest.approx(expected, rel=1e-6)
 
 
+def test_sample_continuations_returns_the_logits_each_token_was_drawn_from():
+    """Written token by token on a cache, the logits are those of one forward over the whole
+    text (every position but the last), and greedily each new token is the argmax at the
+    position before it."""
+    model = tiny_model("llama", vocab=24, layers=2)
+    prompts = torch.randint(24, (2, 5), generator=torch.Generator().manual_seed(0))
+    text, logits = sdfp.sample_continuations(model, prompts, 6, sdfp.Sampling(), None)
+    assert text.shape == (2, 11) and torch.equal(text[:, :5], prompts)
+    with torch.no_grad():
+        full = model(input_ids=text).logits[:, :-1]  # (2, 10, vocab)
+    torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+    assert torch.equal(text[:, 5:], full[:, 4:].argmax(-1))
+
+
 def test_acceptance_meter_measures_each_head_as_the_decoding_loop_drafts_with_it():
     """α of a draft with a head over N tokens: sum_x min(p(x), q(x)) with q processed from the
     head's own logits, -inf outside its tokens (as `draft` samples it), times the head's
     coverage: its share of the target's mass on the human-written openings over its share on
-    the model's continuations, when that is below 1. The target is never its own draft."""
+    the model's continuations, when that is below 1. The target is never its own draft. The
+    continuations are the ones the model writes with a generator seeded 0; p and q here come
+    from one forward over the whole text, the meter's p from writing it token by token."""
     model = tiny_model("llama", vocab=24, layers=4)
-    ids = torch.randint(24, (2, 20), generator=torch.Generator().manual_seed(0))
-    prompt_len, skip = 8, (1, 2)
+    openings = torch.randint(24, (2, 8), generator=torch.Generator().manual_seed(0))
+    prompt_len, new_tokens, skip = 8, 12, (1, 2)
+    ids, _ = sdfp.sample_continuations(
+        model, openings, new_tokens, sdfp.Sampling(1.0), torch.Generator().manual_seed(0)
+    )
+    continuations = ids[:, prompt_len - 1 : -1]  # (2, 12): each position predicts the next token
     sampling = sdfp.Sampling(temperature=0.9, top_k=12)
 
     @torch.no_grad()
-    def continued(skip_layers, head=None, quantized=None):  # (2, 13, vocab or N)
+    def continued(skip_layers, head=None, quantized=None):  # (2, 12, vocab or N)
         """A draft's logits over the continuations, reading the target's cache of the openings
         as a draft reads the target's cache in decoding."""
         cache = sdfp.new_cache(model)
         model(input_ids=ids[:, : prompt_len - 1], cache=cache, use_cache=True)
         with sdfp.layer_skip(model, skip_layers, cache, head, quantized) as draft_cache:
-            return model(input_ids=ids[:, prompt_len - 1 :], cache=draft_cache, use_cache=True).logits
+            return model(input_ids=continuations, cache=draft_cache, use_cache=True).logits
 
     with torch.no_grad():
         target_logits = model(input_ids=ids).logits  # (2, 20, vocab)
@@ -1188,11 +1208,11 @@ def test_acceptance_meter_measures_each_head_as_the_decoding_loop_drafts_with_it
             model, target_logits[:, prompt_len - 1 :].softmax(-1).sum((0, 1)).topk(8).indices
         )
         with sdfp.layer_skip(model, skip):  # the draft's own cache of the openings: not as in decoding
-            q_own_cache = sdfp.sampling_probs(model(input_ids=ids).logits[:, prompt_len - 1 :], sampling)
+            q_own_cache = sdfp.sampling_probs(model(input_ids=ids).logits[:, prompt_len - 1 : -1], sampling)
     q_full = sdfp.sampling_probs(continued(skip), sampling)
     assert not torch.allclose(q_full, q_own_cache, atol=1e-3)
     q_head = sdfp.sampling_probs(head.full_logits(continued(skip, head)), sampling)
-    p_target = sdfp.sampling_probs(target_logits[:, prompt_len - 1 :], sampling)
+    p_target = sdfp.sampling_probs(target_logits[:, prompt_len - 1 : -1], sampling)
     p_human = sdfp.sampling_probs(target_logits[:, : prompt_len - 1], sampling)
     share = lambda probs: probs[..., head.vocab].sum(-1).mean().item()
     coverage = share(p_human) / share(p_target)
@@ -1201,7 +1221,7 @@ def test_acceptance_meter_measures_each_head_as_the_decoding_loop_drafts_with_it
     int8 = sdfp.quantized_draft(model, "int8")
     q_int8 = sdfp.sampling_probs(continued((), int8.head, int8), sampling)
 
-    alphas = sdfp.acceptance_meter(model, ids, prompt_len, sampling, {8: head.vocab}, [0, 8])
+    alphas = sdfp.acceptance_meter(model, openings, new_tokens, sampling, {8: head.vocab}, [0, 8])
     measured = alphas(skip)
     assert measured[0] == pytest.approx(torch.minimum(p_target, q_full).sum(-1).mean().item(), rel=1e-5)
     expected = torch.minimum(p_target, q_head).sum(-1).mean().item() * coverage
@@ -1390,9 +1410,9 @@ def test_plan_draft_does_not_measure_drafts_that_could_not_pay_even_if_always_ac
     assert [row["k"] for row in plan.candidates] == [3, 4]
     alpha_4 = plan.candidates[1]["alpha"]
     assert max(sdfp.expected_speedup(alpha_4, g, 1 / 6, 1.0) for g in settings["draft_lens"]) < 1.5
-    # the target's p (openings, continuations); k = 3 over a third of the text, then the rest;
-    # k = 4 ruled out on its third
-    assert [len(skip) for skip in measured] == [0, 0, 3, 3, 4]
+    # k = 3 over a third of the text, then the rest; k = 4 ruled out on its third (the target's p
+    # comes from writing the text)
+    assert [len(skip) for skip in measured] == [3, 3, 4]
     # k = 3 skips exactly the identity layers (α = 1): S = 5 / (4 * 3/6 + 1) at γ = 4
     assert (plan.skip_layers, plan.draft_len, plan.predicted_speedup) == ([1, 3, 4], 4, pytest.approx(5 / 3))
     assert second_looks == [[2, 4]]  # the two γ that predict most (S = 1.5 and 5/3; γ = 1: 4/3)
