@@ -1972,28 +1972,13 @@ def prepackable(model: nn.Module) -> set[int]:
             and uses[id(m.weight)] == 1}
 
 
-class CastOutput(nn.Module):
-    """A module whose output is cast to `dtype`: an embedding on a 16-bit path, whose rows are read,
-    not multiplied, so its time does not depend on the path (and a copy of its table would be big)."""
-
-    def __init__(self, module: nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.module, self.dtype = module, dtype
-
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        return self.module(*args, **kwargs).to(self.dtype)
-
-
 def on_path(module: nn.Module, path: str, packable: set[int]) -> nn.Module:
-    """A module that holds parameters itself (linear, norm, embedding) as it computes on `path`:
-    itself (float32), a copy in bfloat16 (an embedding: its output cast), or prepacked (a linear
-    in `packable`)."""
+    """A module that holds parameters itself (a linear, a norm) as it computes on `path`: itself
+    (float32), a copy in bfloat16, or prepacked (a linear in `packable`)."""
     if path == "float32 prepacked" and id(module) in packable:
         return PrepackedLinear(module)
     if path not in ("float32", "float32 prepacked"):
         dtype = getattr(torch, path)
-        if isinstance(module, nn.Embedding):
-            return CastOutput(module, dtype)
         twin = copy.copy(module)
         twin._parameters = {name: None if p is None else nn.Parameter(p.detach().to(dtype), False)
                             for name, p in module._parameters.items()}
@@ -2017,8 +2002,9 @@ def run_costs(model: nn.Module, paths: Sequence[str], prompt_len: int, new_token
     """The time a run of `model` (float32) would take on each of `paths`, relative to one another.
 
     A run is one prefill of the prompt, a one-token step per new token and a verify of γ+1
-    tokens per γ+1 new tokens. Each is timed on the model's own embedding and first layers, as a
-    model of 1 and of 3 layers without its head (`layer_skip`), extrapolated to all L:
+    tokens per γ+1 new tokens. Each is timed on the model's own first layers, as a model of 1
+    and of 3 layers without its head (`layer_skip`) fed hidden states in the path's dtype (the
+    embedding's row lookup is alike on every path), extrapolated to all L:
     cost(L) = cost(1) + (L - 1) (cost(3) - cost(1)) / 2; and the head on its own, on the rows it
     scores (1 in a prefill or a step, γ+1 in a verify). Timed with the head, the two models would
     differ by a small part of what is timed (Qwen2.5-Coder-1.5B's head weighs 5 layers), whose
@@ -2027,8 +2013,9 @@ def run_costs(model: nn.Module, paths: Sequence[str], prompt_len: int, new_token
     layers = decoder_layer_list(model)[2]
     depths = sorted({1, min(3, len(layers))})
     unused = {id(m) for layer in layers[depths[-1] :] for m in layer.modules()}
+    unused.add(id(model.get_input_embeddings()))
     owners = [(parent, name, child) for parent in model.modules() if id(parent) not in unused
-              for name, child in parent._modules.items() if child is not None and child._parameters]
+              for name, child in parent._modules.items() if id(child) not in unused and child._parameters]
     packable = prepackable(model)
     twins = {path: [on_path(child, path, packable) for _, _, child in owners] for path in paths}
     head = [child for _, _, child in owners].index(model.get_output_embeddings())  # its twins' index
@@ -2039,18 +2026,19 @@ def run_costs(model: nn.Module, paths: Sequence[str], prompt_len: int, new_token
     tokens = {"prefill": prompt_len, "step": 1, "verify": draft_len + 1}
     weight = {"prefill": 1.0, "step": new_tokens, "verify": new_tokens / (draft_len + 1)}
 
+    def hidden(path: str, kind: str) -> torch.Tensor:  # (1, tokens, hidden) ("float32 prepacked": float32)
+        return torch.zeros(1, tokens[kind], hidden_size, dtype=getattr(torch, path.split()[0]), device=device)
+
     def forward(path: str, kept: int, cache, kind: str) -> None:
         for (parent, name, _), twin in zip(owners, twins[path]):
             parent._modules[name] = twin
-        ids = torch.zeros(1, tokens[kind], dtype=torch.long, device=device)
         with layer_skip(model, range(kept, len(layers)), cache, headless) as kept_cache:  # `kept` layers
-            model(input_ids=ids, cache=kept_cache, logits_to_keep=1 if kind == "prefill" else 0)
+            model(inputs_embeds=hidden(path, kind), cache=kept_cache,
+                  logits_to_keep=1 if kind == "prefill" else 0)
 
     def call(path: str, kept: int, kind: str) -> Callable[[], object]:
-        if kept == 0:  # the head alone, on final hidden states in the path's dtype
-            dtype = getattr(torch, path.split()[0])  # ("float32 prepacked": float32)
-            hidden = torch.zeros(1, tokens[kind], hidden_size, dtype=dtype, device=device)
-            return functools.partial(twins[path][head], hidden)
+        if kept == 0:  # the head alone, on final hidden states
+            return functools.partial(twins[path][head], hidden(path, kind))
         cache = new_cache(model)
         if kind != "prefill":  # a step or a verify reads a cache that holds the prompt
             forward(path, kept, cache, "prefill")
