@@ -340,8 +340,12 @@ def benchmark_model(args, model_path: str) -> list[dict]:
         with torch.inference_mode():
             model(input_ids=first, cache=cache, use_cache=True)
         precision = "none" if quantized is None else quantized.precision
-        head_bits = None if quantized is None else sdfp.HEAD_BITS
-        heads = {precision: {head_size: sdfp.draft_head(model, draft_vocab, head_bits)}} if head_size else {}
+        heads = {}
+        if head_size:  # the draft's head as speculative_generate builds it (a quantized draft's: int8 rows)
+            head = (
+                sdfp.draft_head(model, draft_vocab) if quantized is None else quantized.head.rows(draft_vocab)
+            )
+            heads = {precision: {head_size: head}}
         timed_len = max(draft_len, 1)
         costs = sdfp.measure_costs(
             model,

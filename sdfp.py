@@ -505,6 +505,10 @@ class DraftHead:
         full = logits.new_full((*logits.shape[:-1], self.vocab_size), -math.inf)
         return full.index_copy_(-1, self.vocab, logits)
 
+    def rows(self, vocab: torch.Tensor) -> DraftHead:
+        """This head over every token, in int8 (a quantized draft's), cut to the tokens `vocab`."""
+        return DraftHead(vocab, self.linear.rows(vocab), self.vocab_size)
+
 
 def check_draft_vocab(draft_vocab: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Refuse a subset that is not a set of this vocabulary's token ids; return it as a tensor."""
@@ -614,6 +618,15 @@ class QuantizedLinear(nn.Module):
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.zero) if t is not None)
+
+    def rows(self, ids: torch.Tensor) -> QuantizedLinear:
+        """Output rows `ids` of an int8 linear, as quantizing those rows alone gives them (a scale per
+        row): a head over some tokens, without reading the float head again (a prepacked one unpacks)."""
+        assert self.zero is None, "int4 rows lie packed together"
+        twin = copy.copy(self)
+        twin.q, twin.scale, twin.out_features = self.q[ids], self.scale[ids], len(ids)
+        twin.bias = None if self.bias is None else self.bias[ids]
+        return twin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.kernel:
@@ -1057,8 +1070,8 @@ def speculative_generate(
         # the prompt's tokens are likely to come back, and an end of turn to come
         eos = torch.tensor(token_ids(eos_token_id), dtype=torch.long)
         extra = torch.cat([input_ids.reshape(-1).cpu(), eos])
-        bits = None if quantized is None else HEAD_BITS
-        head = draft_head(model, torch.cat([ids, extra]).unique(), bits)
+        vocab = torch.cat([ids, extra]).unique().to(next(model.parameters()).device)
+        head = draft_head(model, vocab) if quantized is None else quantized.head.rows(vocab)
     return _generate(model, input_ids, skip_layers, draft_len, max_new_tokens, sampling, eos_token_id,
                      generator, on_tokens, head, quantized)
 
@@ -1482,13 +1495,15 @@ def plan_draft(
     del logits
     sizes = ([0] if 0 in draft_vocab_sizes or not head_tokens else []) + list(head_tokens)
     # The heads, from one read of the head's weight (a prepacked head unpacks a copy): the float
-    # heads of layer-skip drafts and the int8 heads of quantized ones, each set held only until
-    # it is timed (α needs no head: it reads the full head's logits).
+    # heads of layer-skip drafts, and the int8 head of quantized ones, whose rows are their smaller
+    # heads; each set held only until it is timed (α needs no head: it reads the full head's logits).
     head_weight = model.get_output_embeddings().weight.detach()
-    heads = {bits: {n: draft_head(model, ids, bits, head_weight) for n, ids in head_tokens.items()}
-             for bits, wanted in ((None, "none" in kinds), (HEAD_BITS, quantizable)) if wanted}
+    heads = {None: {n: draft_head(model, ids, None, head_weight) for n, ids in head_tokens.items()}
+             if "none" in kinds else {}}
     full_head = draft_head(model, None, HEAD_BITS, head_weight) if quantizable else None
     del head_weight
+    if quantizable:
+        heads[HEAD_BITS] = {n: full_head.rows(ids) for n, ids in head_tokens.items()}
     # A rough first look times verify_cost at γ = 1, 2, 4, 8 only and charges a γ in between
     # that of the next timed γ above it (it grows with γ: this errs on the dear side).
     timed = sorted({min((t for t in (1, 2, 4, 8) if t >= g), default=g) for g in draft_lens})
