@@ -1256,6 +1256,31 @@ def test_acceptance_meter_measures_each_head_as_the_decoding_loop_drafts_with_it
     assert alphas((), int8)[0] == pytest.approx(expected, rel=1e-5) and expected < 0.999
 
 
+def test_acceptance_meter_on_a_bfloat16_model_teacher_forces_in_whichever_dtype_times_faster(monkeypatch):
+    """A bfloat16 model: the meter times the target's forward in bfloat16 and in float32 and
+    teacher-forces the drafts in the faster (planted here), reading the openings' cache in that
+    dtype. α differs between the two by rounding only."""
+    model = tiny_model("llama", vocab=24, layers=4, dtype=torch.bfloat16)
+    openings = torch.randint(24, (2, 8), generator=torch.Generator().manual_seed(0))
+    teacher_forced_logits, dtypes, alpha = sdfp.teacher_forced_logits, [], {}
+
+    def spy(model, input_ids, skip_layers, first=0, float32=False, quantized=None, cache=None):
+        read = None if cache is None else cache.layers[0].keys.dtype  # None: the timing's forward
+        logits = teacher_forced_logits(model, input_ids, skip_layers, first, float32, quantized, cache)
+        if read is not None:
+            dtypes.append((logits.dtype, read))
+        return logits
+
+    monkeypatch.setattr(sdfp, "teacher_forced_logits", spy)
+    for faster in ("bfloat16", "float32"):
+        clock = iter([0.0, 1.0, 0.0, 2.0] if faster == "bfloat16" else [0.0, 2.0, 0.0, 1.0])
+        monkeypatch.setattr(sdfp, "clock", lambda device: next(clock))
+        dtypes.clear()
+        alpha[faster] = sdfp.acceptance_meter(model, openings, 12, sdfp.Sampling(1.0), {}, [0])((1, 2))[0]
+        assert set(dtypes) == {(getattr(torch, faster),) * 2}
+    assert 0.1 < alpha["float32"] < 0.99 and alpha["bfloat16"] == pytest.approx(alpha["float32"], abs=0.02)
+
+
 def test_expected_speedup_closed_form():
     # α = 0: every step yields one token and costs γc + verify_cost
     assert sdfp.expected_speedup(0.0, 3, 0.5, 1.2) == pytest.approx(1 / (3 * 0.5 + 1.2))
