@@ -2030,7 +2030,8 @@ def run_costs(model: nn.Module, paths: Sequence[str], prompt_len: int, new_token
     unused = {id(m) for layer in layers[depths[-1] :] for m in layer.modules()}
     unused.add(id(model.get_input_embeddings()))
     owners = [(parent, name, child) for parent in model.modules() if id(parent) not in unused
-              for name, child in parent._modules.items() if id(child) not in unused and child._parameters]
+              for name, child in parent._modules.items()
+              if child is not None and id(child) not in unused and child._parameters]
     packable = prepackable(model)
     twins = {path: [on_path(child, path, packable) for _, _, child in owners] for path in paths}
     head = [child for _, _, child in owners].index(model.get_output_embeddings())  # its twins' index

@@ -2075,6 +2075,15 @@ def test_run_costs_extrapolates_the_layers_to_all_of_them_and_adds_the_head_once
     assert 1.9 < cost["float32"] / cost["bfloat16"] < 2.5, cost
 
 
+def test_run_costs_passes_over_a_submodule_slot_that_holds_none():
+    """Some models keep an optional part as a None submodule; the path timing copies only modules."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    model.model.layers[0].register_module("optional_part", None)
+    cost = sdfp.run_costs(model, ["float32", "bfloat16"], prompt_len=4, new_tokens=4, rounds=1)
+    assert set(cost) == {"float32", "bfloat16"} and all(c > 0 for c in cost.values())
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="prepacking needs oneDNN")
 @pytest.mark.parametrize(
     "f_linear_ms,prepacked_ms,chosen", [(1, 0.1, "float32 prepacked"), (0.1, 1, "float32")]
